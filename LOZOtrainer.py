@@ -1,0 +1,360 @@
+"""LOZO, LOZO-M and MeZO: zeroth-order training through the hooks of `transformers.Trainer`.
+
+`ZOOptimizer` owns the method: the random directions, the V factors, momentum and the step count. The HF
+training loop drives it unchanged: `LowRankTrainer.training_step` measures the two perturbed losses,
+`optimizer.step()` restores the weights and applies the update in one pass, the lr scheduler moves `lr`, and
+checkpoints carry `optimizer.state_dict()`.
+
+Directions, per trainable tensor W at optimisation step t:
+  LOZO, 2-D W (m×n):  Z = U Vᵀ, U ~ N(0,1)^{m×r} fresh each step, V ~ N(0,1)^{n×r} redrawn at t = 0, ν, 2ν, …
+  otherwise (MeZO, and 1-D tensors under LOZO): dense z ~ N(0,1) of W's shape.
+Every tensor has its own random stream seeded from (run seed, step, tensor index), so Z can be regenerated
+exactly, in any order and on any device, and is never stored.
+"""
+
+import logging
+import math
+import signal
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainerCallback
+
+from metrics import f1
+from utils import option_loss
+
+logger = logging.getLogger(__name__)
+
+U_STREAM, V_STREAM = 0, 1
+DENSE_CHUNK = 1 << 20  # dense noise is drawn in chunks of this many elements: no parameter-sized temporary
+
+
+def stream_seed(*key):
+    """A 63-bit seed that depends on every part of `key` (NumPy's SeedSequence mixes them well)."""
+    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def gaussian(shape, seed, device):
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+
+
+def dense_noise(param, seed):
+    """Yield (slice of `param`, z for that slice), z ~ N(0,1) in param's dtype, chunk by chunk."""
+    generator = torch.Generator(device=param.device)
+    generator.manual_seed(seed)
+    flat = param.data.view(-1)
+    for start in range(0, flat.numel(), DENSE_CHUNK):
+        part = flat[start : start + DENSE_CHUNK]
+        z = torch.randn(part.numel(), generator=generator, device=param.device, dtype=torch.float32)
+        yield part, z.to(param.dtype)
+
+
+class ZOOptimizer(torch.optim.Optimizer):
+    """Zeroth-order SGD along random directions (MeZO), low-rank directions (LOZO) and LOZO's momentum.
+
+    Protocol for one optimisation step (what `LowRankTrainer.training_step` does):
+        begin_step(); perturb(+1); L+ = loss; perturb(-2); L- = loss; set_projected_grad((L+ - L-) / 2ε)
+        step()  # from θ - εZ: restore and update, one pass over each weight
+    """
+
+    def __init__(
+        self,
+        params,
+        lr,
+        eps=1e-3,
+        seed=0,
+        low_rank=False,
+        rank=2,
+        step_interval=50,
+        momentum=None,
+        weight_decay=0.0,
+    ):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+        self.eps, self.seed, self.low_rank = eps, seed, low_rank
+        self.rank, self.step_interval, self.beta = rank, step_interval, momentum
+        self.tensors = [(i, p) for i, p in enumerate(p for g in self.param_groups for p in g["params"])]
+        self.group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        self.zo_step = 0  # optimisation steps taken: selects Z and the V period
+        self.skipped = 0  # steps whose losses were not finite
+        self.projected_grad = None
+        self.V = {}  # tensor index -> V (n×r, float32), current period
+        self.V_previous = {}  # during a step that redrew V: the V it replaced (LOZO-M carries momentum over)
+        self.momentum = {}  # tensor index -> N (m×r) for low-rank tensors, dense momentum otherwise (float32)
+
+    def is_low_rank(self, param):
+        return self.low_rank and param.dim() == 2
+
+    def begin_step(self):
+        """Redraw V at steps 0, ν, 2ν, …, keeping the old V for LOZO-M's carry-over."""
+        self.V_previous = {}
+        if not self.low_rank or self.zo_step % self.step_interval:
+            return
+        period = self.zo_step // self.step_interval
+        for i, p in self.tensors:
+            if self.is_low_rank(p):
+                if i in self.V:
+                    self.V_previous[i] = self.V[i]
+                self.V[i] = gaussian(
+                    (p.shape[1], self.rank), stream_seed(self.seed, V_STREAM, period, i), p.device
+                )
+
+    def _seed(self, i):
+        return stream_seed(self.seed, U_STREAM, self.zo_step, i)
+
+    def _U(self, i, p):
+        return gaussian((p.shape[0], self.rank), self._seed(i), p.device)
+
+    @torch.no_grad()
+    def perturb(self, scale):
+        """θ += scale·ε·Z for this step's Z."""
+        alpha = scale * self.eps
+        for i, p in self.tensors:
+            if self.is_low_rank(p):
+                p.data.addmm_(self._U(i, p).to(p.dtype), self.V[i].T.to(p.dtype), alpha=alpha)
+            else:
+                for part, z in dense_noise(p, self._seed(i)):
+                    part.add_(z, alpha=alpha)
+
+    def set_projected_grad(self, projected_grad):
+        self.projected_grad = projected_grad
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """From θ − εZ, restore θ and apply W ← W − η(g·Z + λW) (LOZO-M: W − η(N·Vᵀ + λW)) in one pass."""
+        g = self.projected_grad
+        if g is None:
+            raise RuntimeError("ZOOptimizer.step() needs set_projected_grad() first")
+        finite = math.isfinite(g)
+        if not finite:
+            self.skipped += 1
+        for i, p in self.tensors:
+            group = self.group_of[id(p)]
+            lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
+            if not finite:  # only undo the −εZ perturbation
+                lr, decay, g = 0.0, 1.0, 0.0
+            if self.is_low_rank(p):
+                self._step_low_rank(i, p, g, lr, decay, finite)
+            else:
+                self._step_dense(i, p, g, lr, decay, finite)
+        self.zo_step += 1
+        self.projected_grad = None
+        self.V_previous = {}
+
+    def _step_low_rank(self, i, p, g, lr, decay, finite):
+        U, Vt = self._U(i, p), self.V[i].T
+        if self.beta is None:
+            p.data.addmm_(U.to(p.dtype), Vt.to(p.dtype), beta=decay, alpha=decay * self.eps - lr * g)
+            return
+        N = self.momentum.get(i)
+        if N is not None and i in self.V_previous:  # express N in the new V's basis
+            N = N @ (self.V_previous[i].T @ self.V[i]) / p.shape[1]
+        if finite:
+            N = (1 - self.beta) * g * U if N is None else self.beta * N + (1 - self.beta) * g * U
+        if N is None:
+            p.data.addmm_(U.to(p.dtype), Vt.to(p.dtype), alpha=self.eps)
+            return
+        self.momentum[i] = N
+        p.data.addmm_((decay * self.eps * U - lr * N).to(p.dtype), Vt.to(p.dtype), beta=decay)
+
+    def _step_dense(self, i, p, g, lr, decay, finite):
+        if decay != 1.0:  # an extra pass only when weight decay applies to this tensor
+            p.data.mul_(decay)
+        if self.beta is None:
+            for part, z in dense_noise(p, self._seed(i)):
+                part.add_(z, alpha=decay * self.eps - lr * g)
+            return
+        if i not in self.momentum and finite:
+            self.momentum[i] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        momentum = self.momentum.get(i)
+        flat_momentum = momentum.view(-1) if momentum is not None else None
+        start = 0
+        for part, z in dense_noise(p, self._seed(i)):
+            part.add_(z, alpha=decay * self.eps)
+            if finite:
+                m = flat_momentum[start : start + part.numel()]
+                m.mul_(self.beta).add_(z.float(), alpha=(1 - self.beta) * g)
+                part.add_(m.to(p.dtype), alpha=-lr)
+            start += part.numel()
+
+    def state_dict(self):
+        state = super().state_dict()
+        state["zo"] = {
+            "step": self.zo_step,
+            "seed": self.seed,
+            "skipped": self.skipped,
+            "V": {i: v.cpu() for i, v in self.V.items()},
+            "momentum": {i: m.cpu() for i, m in self.momentum.items()},
+        }
+        return state
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        zo = state_dict.pop("zo")
+        super().load_state_dict(state_dict)
+        devices = {i: p.device for i, p in self.tensors}
+        self.zo_step, self.seed, self.skipped = zo["step"], zo["seed"], zo["skipped"]
+        self.V = {int(i): v.to(devices[int(i)]) for i, v in zo["V"].items()}
+        self.momentum = {int(i): m.to(devices[int(i)]) for i, m in zo["momentum"].items()}
+
+
+class SaveOnInterruptCallback(TrainerCallback):
+    """On SIGUSR1 (as sent by cluster schedulers before preemption): checkpoint after this step and stop."""
+
+    def __init__(self):
+        self.interrupted = False
+        signal.signal(signal.SIGUSR1, self._handle)
+
+    def _handle(self, signum, frame):
+        logger.warning("SIGUSR1 received: saving a checkpoint after this step and stopping")
+        self.interrupted = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.interrupted:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+class LowRankTrainer(Trainer):
+    """`--trainer regular` trains with the stock HF path; `zo` (MeZO) and `LOZO` (LOZO, LOZO-M) replace the
+    training step by two forward passes. All trainers share MeZO's losses (`utils.option_loss`), and
+    evaluation during training runs `evaluate_func` (the task metric on the dev samples)."""
+
+    def __init__(self, *args, evaluate_func=None, tokenizer_for_generation=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False  # compute_loss averages itself; HF divides by accumulation
+        self.evaluate_func = evaluate_func
+        self.generation_tokenizer = tokenizer_for_generation
+        self.zo_optimizer = None
+        self._micro_batches = 0
+        self._loss_sums = None
+        if self.args.save_on_interrupt:
+            self.add_callback(SaveOnInterruptCallback())
+
+    @property
+    def is_zo(self):
+        return self.args.trainer in ("zo", "LOZO")
+
+    # ---- optimizer ----
+
+    def create_optimizer(self, model=None):
+        if self.is_zo and self.optimizer is None:
+            args = self.args
+            lozo = args.trainer == "LOZO"
+            self.optimizer_cls_and_kwargs = (
+                ZOOptimizer,
+                dict(
+                    lr=args.learning_rate,
+                    eps=args.zo_eps,
+                    seed=args.seed,
+                    low_rank=lozo,
+                    rank=args.rank_r,
+                    step_interval=args.step_interval,
+                    momentum=args.beta1 if lozo and args.lozo_optimizer == "sgdm" else None,
+                ),
+            )
+        optimizer = super().create_optimizer(model)
+        if isinstance(optimizer, ZOOptimizer):
+            self.zo_optimizer = optimizer
+        return optimizer
+
+    # ---- losses ----
+
+    def loss_sum(self, model, inputs):
+        """(summed loss, number of items) of a batch, so that batches can be combined exactly."""
+        if "gold" in inputs:
+            return self.negative_f1_sum(model, inputs)
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        return option_loss(outputs.logits, inputs, self.pad_token_id, reduction="sum")
+
+    @property
+    def pad_token_id(self):
+        return self.processing_class.pad_token_id
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        total, count = self.loss_sum(model, inputs)
+        loss = total / count
+        return (loss, None) if return_outputs else loss
+
+    def negative_f1_sum(self, model, inputs):
+        """--non_diff: minus the F1 of greedy answers (SQuAD-style), a loss only ZO methods can use."""
+        args, tokenizer = self.args, self.processing_class
+        newline = tokenizer.encode(args.eos_token, add_special_tokens=False)[-1]
+        output = model.generate(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=args.max_new_tokens,
+            eos_token_id=[newline, tokenizer.eos_token_id],
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        answers = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        scores = [f1(answer.strip(), gold) for answer, gold in zip(answers, inputs["gold"], strict=True)]
+        return -torch.tensor(sum(scores), device=inputs["input_ids"].device), len(scores)
+
+    # ---- the zeroth-order step ----
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self.is_zo:
+            return super().training_step(model, inputs, num_items_in_batch)
+        return self.zo_training_step(model, inputs)
+
+    @torch.no_grad()
+    def zo_training_step(self, model, inputs):
+        """Two forward passes at θ ± εZ. Micro-batches of one optimisation step share Z; their losses are
+        summed and g is formed at the last one, which leaves θ − εZ for `optimizer.step()` to restore."""
+        model.eval()  # dropout off: both losses must see the same function
+        inputs = self._prepare_inputs(inputs)
+        optimizer = self.zo_optimizer
+        if self._micro_batches == 0:
+            optimizer.begin_step()
+            self._loss_sums = torch.zeros(3, dtype=torch.float64)
+        optimizer.perturb(+1)
+        loss_plus, count = self.loss_sum(model, inputs)
+        optimizer.perturb(-2)
+        loss_minus, _ = self.loss_sum(model, inputs)
+        self._loss_sums += torch.tensor([float(loss_plus), float(loss_minus), count], dtype=torch.float64)
+        self._micro_batches += 1
+        if self.accelerator.gradient_state.sync_gradients:
+            self._micro_batches = 0
+            optimizer.set_projected_grad(self._projected_grad())
+        else:
+            optimizer.perturb(+1)
+        step_loss = (loss_plus + loss_minus) / (2 * count)
+        return (step_loss / self.current_gradient_accumulation_steps).detach().to(self.args.device)
+
+    def _projected_grad(self):
+        sums = self.reduce_loss_sums(self._loss_sums)
+        loss_plus, loss_minus = (sums[:2] / sums[2]).tolist()
+        projected_grad = (loss_plus - loss_minus) / (2 * self.args.zo_eps)
+        if not math.isfinite(projected_grad):
+            logger.warning(
+                "step %d: non-finite loss (L+=%s, L-=%s), update skipped (%d skipped so far)",
+                self.state.global_step,
+                loss_plus,
+                loss_minus,
+                self.zo_optimizer.skipped + 1,
+            )
+        return projected_grad
+
+    def reduce_loss_sums(self, sums):
+        """Hook for data-parallel ZO: combine (L+ sum, L- sum, items) over replicas. One process: as is."""
+        return sums
+
+    def log(self, logs, *args, **kwargs):
+        if self.zo_optimizer is not None and "loss" in logs:
+            logs["zo_skipped_steps"] = self.zo_optimizer.skipped
+        super().log(logs, *args, **kwargs)
+
+    # ---- evaluation during training: the task metric on the dev samples ----
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        if self.evaluate_func is None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in self.evaluate_func().items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics

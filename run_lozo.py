@@ -1,0 +1,433 @@
+"""One command for zero-shot, in-context learning and fine-tuning (first-order, MeZO, LOZO, LOZO-M).
+
+    python run_lozo.py --task_name SST2 --model_name facebook/opt-13b --num_train 32 --num_eval 1000
+    python run_lozo.py --task_name SST2 --trainer LOZO --num_train 1000 --num_dev 500 --train_set_seed 0 ...
+
+Every `transformers.TrainingArguments` option is accepted too. Metrics land in
+result/<task>-<model>-<tags>.json.
+"""
+
+import dataclasses
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments
+
+import tasks
+from LOZOtrainer import LowRankTrainer
+from metrics import calculate_metric
+from utils import (
+    DataCollatorWithPaddingAndNesting,
+    NondiffCollator,
+    Prediction,
+    UsageError,
+    encode_prompt,
+    target_mask,
+    tokenizer_adds_bos,
+    write_metrics_to_file,
+)
+
+logger = logging.getLogger("run_lozo")
+
+TRAINERS = ("none", "regular", "zo", "LOZO")
+LOZO_OPTIMIZERS = ("sgd", "sgdm")
+
+
+@dataclass
+class OurArguments(TrainingArguments):
+    # task and sampling
+    task_name: str = "SST2"
+    data_dir: str | None = field(default=None, metadata={"help": "local task data; default $LOZO_DATA_DIR"})
+    num_train: int = 0  # training samples (or demonstrations for ICL)
+    num_dev: int | None = None  # dev samples taken from the train set (for model selection)
+    num_eval: int | None = None  # evaluation samples; all of the validation split when unset
+    num_test: int | None = field(default=None, metadata={"help": "alias of --num_eval (LOZO's README)"})
+    num_train_sets: int | None = None  # several train sets with seeds 0..N-1
+    train_set_seed: int | None = None  # one train set with this seed (also picks the eval subset)
+    result_file: str | None = None
+
+    # model
+    model_name: str = "facebook/opt-125m"
+    model_path: str | None = field(
+        default=None, metadata={"help": "load from here; name results by model_name"}
+    )
+    load_float16: bool = False
+    load_bfloat16: bool = False
+    load_int8: bool = False
+    max_length: int = 2048
+    no_auto_device: bool = False  # do not shard over GPUs with device_map="auto" (FSDP, DDP)
+    untie_emb: bool = False
+
+    # calibration
+    sfc: bool = False
+    icl_sfc: bool = False
+
+    # training
+    trainer: str = field(default="none", metadata={"help": f"one of {TRAINERS}"})
+    only_train_option: bool = True  # loss only on the option tokens
+    train_as_classification: bool = False  # cross-entropy over the candidates' scores
+
+    # zeroth-order (MeZO / LOZO)
+    zo_eps: float = 1e-3
+    rank_r: int = 2  # LOZO rank r of U Vᵀ
+    step_interval: int = 50  # LOZO ν: V is redrawn every ν steps
+    lozo_optimizer: str = field(default="sgd", metadata={"help": "sgd (LOZO) or sgdm (LOZO-M)"})
+    beta1: float = 0.9  # LOZO-M momentum
+
+    # generation
+    sampling: bool = False
+    temperature: float = 1.0
+    num_beams: int = 1
+    top_k: int | None = None
+    top_p: float = 0.95
+    max_new_tokens: int = 50
+    eos_token: str = "\n"
+
+    # saving and misc
+    save_model: bool = False
+    no_eval: bool = False
+    tag: str = ""
+    verbose: bool = False
+    non_diff: bool = False  # ZO only: train on minus the F1 of generated answers (SQuAD)
+    save_on_interrupt: bool = False  # checkpoint and stop on SIGUSR1
+
+    # Defaults that differ from HF's: keep the custom batch keys; no checkpoints unless asked
+    remove_unused_columns: bool = False
+    save_strategy: str = "no"
+
+    def __post_init__(self):
+        if self.num_test is not None:
+            self.num_eval = self.num_test if self.num_eval is None else self.num_eval
+        validate_arguments(self)
+        if self.load_best_model_at_end and self.metric_for_best_model is None:
+            self.metric_for_best_model = "f1" if self.task_name in GENERATION_TASKS else "accuracy"
+            self.greater_is_better = True
+        super().__post_init__()
+
+
+GENERATION_TASKS = ("SQuAD", "DROP")
+
+
+def validate_arguments(args):
+    """Reject bad settings up front with one line naming the fix (nothing is loaded or written yet)."""
+    checks = [
+        (args.trainer in TRAINERS, f"unknown --trainer {args.trainer!r}; use one of: {', '.join(TRAINERS)}"),
+        (args.rank_r >= 1, f"--rank_r must be >= 1, got {args.rank_r}"),
+        (args.step_interval >= 1, f"--step_interval must be >= 1, got {args.step_interval}"),
+        (args.zo_eps > 0, f"--zo_eps must be > 0, got {args.zo_eps}"),
+        (0 <= args.beta1 < 1, f"--beta1 must be in [0, 1), got {args.beta1}"),
+        (
+            args.lozo_optimizer in LOZO_OPTIMIZERS,
+            f"unknown --lozo_optimizer {args.lozo_optimizer!r}; use one of: {', '.join(LOZO_OPTIMIZERS)}",
+        ),
+        (
+            not (args.non_diff and args.task_name.split("__")[0] not in GENERATION_TASKS),
+            f"--non_diff needs a generation task ({', '.join(GENERATION_TASKS)}), not {args.task_name}",
+        ),
+        (
+            not (args.non_diff and args.trainer not in ("zo", "LOZO")),
+            "--non_diff needs a zeroth-order trainer: add --trainer zo or --trainer LOZO",
+        ),
+        (
+            not (args.train_as_classification and args.task_name.split("__")[0] in GENERATION_TASKS),
+            f"--train_as_classification does not apply to the generation task {args.task_name}; drop it",
+        ),
+        (args.num_train >= 0, f"--num_train must be >= 0, got {args.num_train}"),
+        (args.max_length > 1, f"--max_length must be > 1, got {args.max_length}"),
+        (not (args.load_float16 and args.load_bfloat16), "choose one of --load_float16 and --load_bfloat16"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+
+
+def result_file_tag(args):
+    """MeZO's result naming: <task>-<model>[-sfc][-icl_sfc][-sampleevalN][-ntrainN][-ndevN][-tag]."""
+    parts = [args.task_name, args.model_name.rstrip("/").split("/")[-1]]
+    parts += ["sfc"] if args.sfc else []
+    parts += ["icl_sfc"] if args.icl_sfc else []
+    parts += [f"sampleeval{args.num_eval}"] if args.num_eval is not None else []
+    parts += [f"ntrain{args.num_train}"] if args.num_train > 0 else []
+    parts += [f"ndev{args.num_dev}"] if args.num_dev is not None else []
+    parts += [args.tag] if args.tag else []
+    return "-".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model loading
+
+
+def pick_dtype(args):
+    wanted = torch.float16 if args.load_float16 else torch.bfloat16 if args.load_bfloat16 else torch.float32
+    if wanted != torch.float32 and not torch.cuda.is_available():
+        logger.warning("no GPU: loading %s in float32 instead of %s", args.model_name, wanted)
+        return torch.float32
+    return wanted
+
+
+def load_model(args):
+    path = args.model_path or args.model_name
+    kwargs = {"dtype": pick_dtype(args)}
+    if args.load_int8:
+        if not torch.cuda.is_available():
+            raise UsageError("--load_int8 needs a CUDA GPU; drop it on this machine")
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except ImportError:
+            raise UsageError("--load_int8 needs bitsandbytes: pip install bitsandbytes") from None
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    if torch.cuda.is_available() and not args.no_auto_device:
+        kwargs["device_map"] = "auto"  # MeZO's multi-GPU mode: shard layers over the visible GPUs
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as error:
+        raise UsageError(
+            f"cannot load model {path!r} ({str(error).splitlines()[0]}); give a hub name or a local folder "
+            "with config.json (offline model: python utils.py prepare-model smollm2)"
+        ) from None
+    if args.untie_emb:
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+    return model
+
+
+def load_tokenizer(args, model_config):
+    tokenizer = AutoTokenizer.from_pretrained(args.model_path or args.model_name)
+    if model_config.model_type == "opt" and tokenizer_adds_bos(tokenizer):
+        # MeZO sets OPT's BOS to id 0 (`<s>`) instead of the `</s>` its tokenizer prepends.
+        tokenizer.bos_token_id = 0
+        tokenizer.add_bos_token = True  # rebuilds the post-processor with the new BOS
+        tokenizer._lozo_adds_bos = None
+    if model_config.model_type == "llama" or tokenizer.pad_token_id is None:
+        tokenizer.pad_token_id = 0  # as MeZO for LLaMA: there is no pad token (id 0 is <unk>)
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation and training
+
+
+class Framework:
+    def __init__(self, args, task):
+        self.args, self.task = args, task
+        self.template = task.get_template()
+        self.model = load_model(args)
+        self.tokenizer = load_tokenizer(args, self.model.config)
+        self.device = next(self.model.parameters()).device
+
+    # ---- scoring ----
+
+    @torch.no_grad()
+    def option_log_probs(self, encodings, option_lens):
+        """Log-probabilities of the last option_len tokens of each candidate (one padded forward)."""
+        self.model.eval()
+        batch = DataCollatorWithPaddingAndNesting(self.tokenizer.pad_token_id)(
+            [{"input_ids": ids, "option_len": n} for ids, n in zip(encodings, option_lens, strict=True)]
+        )
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        mask = target_mask(batch["input_ids"], batch["attention_mask"], batch["option_len"], -1)
+        log_probs = torch.log_softmax(logits[:, :-1].float(), -1)
+        picked = log_probs.gather(-1, batch["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1)
+        return [picked[row][mask[row]].cpu() for row in range(len(encodings))]
+
+    @torch.no_grad()
+    def generate(self, input_ids):
+        args, tokenizer = self.args, self.tokenizer
+        newline = tokenizer.encode(args.eos_token, add_special_tokens=False)[-1]
+        ids = torch.tensor([input_ids], device=self.device)
+        output = self.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=args.sampling,
+            temperature=args.temperature,
+            num_beams=args.num_beams,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            max_new_tokens=min(args.max_new_tokens, args.max_length - len(input_ids)),
+            eos_token_id=[newline, tokenizer.eos_token_id],
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        return tokenizer.decode(output[0, len(input_ids) :], skip_special_tokens=True).strip()
+
+    def encode(self, demos, sample, **flags):
+        args = self.args
+        return encode_prompt(
+            self.task,
+            self.template,
+            demos,
+            sample,
+            self.tokenizer,
+            max_length=args.max_length,
+            max_new_tokens=args.max_new_tokens,
+            generation=self.task.generation,
+            **flags,
+        )
+
+    def one_step_pred(self, demos, sample):
+        """Prediction for one sample: greedy answer (generation) or the best-scoring candidate."""
+        if self.task.generation:
+            (input_ids,), _ = self.encode(demos, sample)
+            answer = self.generate(input_ids)
+            if self.args.verbose:
+                logger.info("generated %r, gold %r", answer, sample.correct_candidate)
+            return Prediction(sample.correct_candidate, answer)
+        log_probs = self.option_log_probs(*self.encode(demos, sample))
+        if self.args.sfc or self.args.icl_sfc:
+            calibration = self.option_log_probs(
+                *self.encode(demos, sample, sfc=self.args.sfc, icl_sfc=self.args.icl_sfc)
+            )
+            scores = [(lp.sum() - cal.sum()).item() for lp, cal in zip(log_probs, calibration, strict=True)]
+        else:
+            scores = [lp.mean().item() for lp in log_probs]
+        if self.args.verbose:
+            logger.info(
+                "candidates %s scores %s gold %r", sample.candidates, scores, sample.correct_candidate
+            )
+        return Prediction(correct_index(sample), int(np.argmax(scores)))
+
+    def evaluate(self, train_samples, eval_samples, one_train_set_per_eval_sample=False, desc="eval"):
+        predictions = []
+        for i, sample in enumerate(tqdm(eval_samples, desc=desc, disable=not eval_samples)):
+            demos = train_samples[i] if one_train_set_per_eval_sample else train_samples
+            predictions.append(self.one_step_pred(demos, sample))
+        metric = "f1" if self.task.generation else "accuracy"
+        return {metric: calculate_metric(predictions, metric)}
+
+    # ---- training ----
+
+    def training_features(self, samples):
+        """MeZO's encoding of training samples: the gold sequence (or all candidates for classification)."""
+        args, features = self.args, []
+        for sample in samples:
+            if args.non_diff:
+                (ids,), _ = self.encode([], sample)
+                features.append({"input_ids": ids, "gold": sample.correct_candidate})
+                continue
+            encodings, option_lens = self.encode([], sample, generation_with_gold=True)
+            gold = correct_index(sample, first_only=True)
+            if args.train_as_classification:
+                features.append(
+                    [
+                        {"input_ids": ids, "labels": gold, "option_len": n, "num_options": len(encodings)}
+                        for ids, n in zip(encodings, option_lens, strict=True)
+                    ]
+                )
+            elif args.only_train_option:
+                features.append({"input_ids": encodings[gold], "option_len": option_lens[gold]})
+            else:
+                features.append({"input_ids": encodings[gold]})
+        return features
+
+    def train(self, train_samples, dev_samples):
+        args = self.args
+        collator = (NondiffCollator if args.non_diff else DataCollatorWithPaddingAndNesting)(
+            self.tokenizer.pad_token_id
+        )
+        try:
+            trainer = LowRankTrainer(
+                model=self.model,
+                args=args,
+                train_dataset=self.training_features(train_samples),
+                eval_dataset=dev_samples,  # evaluated by evaluate_func with the task metric
+                data_collator=collator,
+                processing_class=self.tokenizer,
+                evaluate_func=lambda: self.evaluate([], dev_samples, desc="dev"),
+            )
+        except ValueError as error:  # conflicting HF training arguments
+            raise UsageError(str(error).strip().splitlines()[0]) from None
+        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        if args.save_model:
+            trainer.save_model()
+        self.model = trainer.model
+        return trainer
+
+
+def correct_index(sample, first_only=False):
+    """Index of the gold candidate; ReCoRD has several (all of them, or the first for training)."""
+    if sample.candidates is None:
+        return 0
+    if isinstance(sample.correct_candidate, list):
+        indices = [sample.candidates.index(c) for c in sample.correct_candidate]
+        return indices[0] if first_only else indices
+    return sample.candidates.index(sample.correct_candidate)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    parser = HfArgumentParser(OurArguments)
+    try:
+        (args,) = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as error:  # TrainingArguments' own checks
+        raise UsageError(str(error).strip().splitlines()[0]) from None
+    return args
+
+
+def run(args):
+    logger.info(
+        "arguments:\n%s", "\n".join(f"  {k} = {v!r}" for k, v in sorted(dataclasses.asdict(args).items()))
+    )
+    task = tasks.get_task(args.task_name, args.data_dir)
+    framework = Framework(args, task)
+    train_sets = task.sample_train_sets(
+        num_train=args.num_train,
+        num_dev=args.num_dev,
+        num_eval=args.num_eval,
+        num_train_sets=args.num_train_sets,
+        seed=args.train_set_seed,
+    )
+    os.makedirs("result", exist_ok=True)
+    if args.train_set_seed is None and args.num_train_sets is None:
+        # In-context default: one demonstration set per evaluation sample.
+        if args.trainer != "none":
+            raise UsageError("training needs one train set: pass --train_set_seed (or --num_train_sets)")
+        eval_samples = task.sample_eval_samples(args.num_eval, seed=0)
+        metrics = framework.evaluate(train_sets, eval_samples, one_train_set_per_eval_sample=True)
+        output = args.result_file or f"result/{result_file_tag(args)}-onetrainpereval.json"
+        logger.info("%s", metrics)
+        write_metrics_to_file(metrics, output)
+        return metrics
+    for set_id, train_set in enumerate(train_sets):
+        set_seed = set_id if args.train_set_seed is None else args.train_set_seed
+        eval_samples = task.sample_eval_samples(args.num_eval, seed=set_seed)
+        if args.trainer == "none":
+            if args.num_dev is not None:
+                raise UsageError("--num_dev is for training; drop it with --trainer none")
+            metrics = framework.evaluate(train_set, eval_samples)
+        else:
+            train_samples, dev_samples = tasks.split_train_dev(train_set, args.num_dev)
+            # As MeZO: without dev samples, evaluation during training uses the eval samples.
+            framework.train(train_samples, dev_samples or eval_samples)
+            if args.no_eval:
+                continue
+            metrics = framework.evaluate([], eval_samples)
+            if dev_samples:
+                dev = framework.evaluate([], dev_samples, desc="dev")
+                metrics |= {f"dev_{k}": v for k, v in dev.items()}
+        logger.info("%s", metrics)
+        output = args.result_file or f"result/{result_file_tag(args)}-trainset{set_id}.json"
+        write_metrics_to_file(metrics, output)
+    return metrics
+
+
+def main(argv=None):
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        run(args)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

