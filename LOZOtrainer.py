@@ -21,7 +21,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from metrics import f1
-from utils import option_loss
+from utils import option_loss, target_logits, target_mask
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +230,10 @@ class LowRankTrainer(Trainer):
         self.zo_optimizer = None
         self._micro_batches = 0
         self._loss_sums = None
+        self._last_finite_loss = None
+        if self.is_zo:
+            # A skipped step reports the last finite loss (or NaN before any); HF's filter would log it as 0.
+            self.args.logging_nan_inf_filter = False
         if self.args.save_on_interrupt:
             self.add_callback(SaveOnInterruptCallback())
 
@@ -266,8 +270,11 @@ class LowRankTrainer(Trainer):
         """(summed loss, number of items) of a batch, so that batches can be combined exactly."""
         if "gold" in inputs:
             return self.negative_f1_sum(model, inputs)
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        return option_loss(outputs.logits, inputs, self.pad_token_id, reduction="sum")
+        mask = target_mask(
+            inputs["input_ids"], inputs["attention_mask"], inputs.get("option_len"), self.pad_token_id
+        )
+        logits = target_logits(model, inputs, mask)
+        return option_loss(logits, inputs, self.pad_token_id, reduction="sum", mask=mask)
 
     @property
     def pad_token_id(self):
@@ -323,8 +330,12 @@ class LowRankTrainer(Trainer):
             optimizer.set_projected_grad(self._projected_grad())
         else:
             optimizer.perturb(+1)
-        step_loss = (loss_plus + loss_minus) / (2 * count)
-        return (step_loss / self.current_gradient_accumulation_steps).detach().to(self.args.device)
+        step_loss = float(loss_plus + loss_minus) / (2 * count)
+        if math.isfinite(step_loss):
+            self._last_finite_loss = step_loss
+        elif self._last_finite_loss is not None:
+            step_loss = self._last_finite_loss
+        return torch.tensor(step_loss / self.current_gradient_accumulation_steps, device=self.args.device)
 
     def _projected_grad(self):
         sums = self.reduce_loss_sums(self._loss_sums)

@@ -27,6 +27,8 @@ from utils import (
     Prediction,
     UsageError,
     encode_prompt,
+    target_log_probs,
+    target_logits,
     target_mask,
     tokenizer_adds_bos,
     write_metrics_to_file,
@@ -231,11 +233,10 @@ class Framework:
             [{"input_ids": ids, "option_len": n} for ids, n in zip(encodings, option_lens, strict=True)]
         )
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         mask = target_mask(batch["input_ids"], batch["attention_mask"], batch["option_len"], -1)
-        log_probs = torch.log_softmax(logits[:, :-1].float(), -1)
-        picked = log_probs.gather(-1, batch["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1)
-        return [picked[row][mask[row]].cpu() for row in range(len(encodings))]
+        logits = target_logits(self.model, batch, mask)
+        rows, log_probs = target_log_probs(logits, batch["input_ids"], mask)
+        return [log_probs[rows == row].cpu() for row in range(len(encodings))]
 
     @torch.no_grad()
     def generate(self, input_ids):
@@ -395,6 +396,7 @@ def run(args):
         logger.info("%s", metrics)
         write_metrics_to_file(metrics, output)
         return metrics
+    metrics = None
     for set_id, train_set in enumerate(train_sets):
         set_seed = set_id if args.train_set_seed is None else args.train_set_seed
         eval_samples = task.sample_eval_samples(args.num_eval, seed=set_seed)
@@ -404,6 +406,11 @@ def run(args):
             metrics = framework.evaluate(train_set, eval_samples)
         else:
             train_samples, dev_samples = tasks.split_train_dev(train_set, args.num_dev)
+            if not train_samples:
+                raise UsageError(
+                    f"no training samples left: --num_dev {args.num_dev} takes all {len(train_set)} sampled "
+                    "rows; lower --num_dev"
+                )
             # As MeZO: without dev samples, evaluation during training uses the eval samples.
             framework.train(train_samples, dev_samples or eval_samples)
             if args.no_eval:

@@ -285,11 +285,14 @@ class Dataset:
             seeds = per_sample_demo_seeds(len(self.valid_samples) if num_eval is None else num_eval)
         set_size = num_train if num_dev is None else num_train + num_dev
         if num_dev is not None and set_size > len(self.samples["train"]):
+            rows = len(self.samples["train"])
             logger.warning(
-                "%s: num_train + num_dev = %d exceeds the %d training rows; the train part shrinks",
+                "%s: num_train + num_dev = %d exceeds the %d training rows; using %d to train, %d for dev",
                 self.task_name,
                 set_size,
-                len(self.samples["train"]),
+                rows,
+                max(rows - num_dev, 0),
+                min(num_dev, rows),
             )
         return [self.sample_subset("train", set_seed, set_size) for set_seed in seeds]
 

@@ -1,0 +1,467 @@
+"""run_lozo.py end to end: evaluation (zero-shot and in-context), training with every trainer, and usage
+errors, on the real task data with tiny random models and the offline SmolLM2-135M.
+
+Most runs call `run_lozo.main([...])` in-process inside a temporary working directory (the result/ folder
+lands there); a few run the script as a subprocess where the exit status and the raw stderr matter.
+"""
+
+import gzip
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import run_lozo
+import tasks
+from LOZOtrainer import ZOOptimizer
+from metrics import calculate_metric
+from utils import encode_prompt
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "run_lozo.py"
+FOLDERS = {"SST2": "sst2", "SQuAD": "squad", "CB": "cb"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The test machine's cores are shared: one intra-op thread is faster than two fighting ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch, data_dir):
+    """`cli(*argv)` runs main() in-process with tmp_path as working directory and the real data folder
+    taken from $LOZO_DATA_DIR (a --data_dir argument overrides it)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(tasks.DATA_DIR_ENV, str(data_dir))
+    return lambda *argv: run_lozo.main([str(arg) for arg in argv])
+
+
+@pytest.fixture
+def predictions(monkeypatch):
+    """Records every Framework.one_step_pred call as (demo ids, eval sample id, Prediction)."""
+    calls = []
+    original = run_lozo.Framework.one_step_pred
+
+    def spy(self, demos, sample):
+        prediction = original(self, demos, sample)
+        calls.append(([demo.id for demo in demos], sample.id, prediction))
+        return prediction
+
+    monkeypatch.setattr(run_lozo.Framework, "one_step_pred", spy)
+    return calls
+
+
+@pytest.fixture
+def trainings(monkeypatch):
+    """Records every Framework.train call as (train samples, dev samples, the trainer it returned)."""
+    calls = []
+    original = run_lozo.Framework.train
+
+    def spy(self, train_samples, dev_samples):
+        trainer = original(self, train_samples, dev_samples)
+        calls.append((train_samples, dev_samples, trainer))
+        return trainer
+
+    monkeypatch.setattr(run_lozo.Framework, "train", spy)
+    return calls
+
+
+@cache
+def row_count(data_dir, task_name, split):
+    """Rows of a split, counted straight from the jsonl file (blank lines hold no row)."""
+    folder = Path(data_dir) / FOLDERS[task_name]
+    path = folder / f"{split}.jsonl"
+    opener = open
+    if not path.exists():
+        path, opener = folder / f"{split}.jsonl.gz", gzip.open
+    with opener(path, "rb") as lines:
+        return sum(1 for line in lines if line.strip())
+
+
+def mezo_subset(rows, seed, num):
+    """MeZO's seeded subset: the first `num` row positions of np.random.seed(seed); permutation(rows)."""
+    return np.random.RandomState(seed).permutation(rows)[:num].tolist()
+
+
+def result_files(folder):
+    return sorted(path.relative_to(folder).as_posix() for path in Path(folder).rglob("*.json"))
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
+
+
+def accuracy_of(calls):
+    return float(np.mean([p.correct_candidate == p.predicted_candidate for _, _, p in calls]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. Zero-shot and in-context evaluation with the tiny random models
+
+EVAL_CASES = {
+    # id: (task, extra args, expected result files, demo-set seeds or "per-eval")
+    "sst2-zero-shot": ("SST2", ["--num_train", 0, "--num_eval", 8], ["onetrainpereval"], "per-eval"),
+    "sst2-icl-per-eval": (
+        "SST2",
+        ["--num_train", 4, "--num_eval", 8],
+        ["ntrain4-onetrainpereval"],
+        "per-eval",
+    ),
+    "sst2-icl-seed0": (
+        "SST2",
+        ["--num_train", 4, "--num_eval", 8, "--train_set_seed", 0],
+        ["ntrain4-trainset0"],
+        [0],
+    ),
+    "sst2-icl-two-sets": (
+        "SST2",
+        ["--num_train", 4, "--num_eval", 8, "--num_train_sets", 2],
+        ["ntrain4-trainset0", "ntrain4-trainset1"],
+        [0, 1],
+    ),
+    "squad-zero-shot": ("SQuAD", ["--num_train", 0], ["onetrainpereval"], "per-eval"),
+    "squad-icl-per-eval": ("SQuAD", ["--num_train", 2], ["ntrain2-onetrainpereval"], "per-eval"),
+    "squad-icl-seed0": ("SQuAD", ["--num_train", 2, "--train_set_seed", 0], ["ntrain2-trainset0"], [0]),
+}
+
+
+@pytest.mark.parametrize("case", list(EVAL_CASES))
+def test_evaluation_writes_mezo_result_file(case, cli, predictions, tmp_path, tiny_opt_dir, data_dir):
+    task_name, extra, suffixes, seeds = EVAL_CASES[case]
+    generation = task_name == "SQuAD"
+    num_eval = 3 if generation else 8
+    extra = ["--num_eval", num_eval, "--max_new_tokens", 5, *extra] if generation else extra
+    assert cli("--task_name", task_name, "--model_name", tiny_opt_dir, *extra) == 0
+
+    stem = f"{task_name}-tiny-opt-sampleeval{num_eval}"
+    expected = [f"result/{stem}-{suffix}.json" for suffix in suffixes]
+    assert result_files(tmp_path) == sorted(expected)
+
+    # Which demonstrations and eval samples were used, as MeZO picks them (ids are row positions).
+    num_train = extra[extra.index("--num_train") + 1]
+    train_rows, valid_rows = (row_count(data_dir, task_name, s) for s in ("train", "validation"))
+    if seeds == "per-eval":
+        demo_seeds = np.random.RandomState(0).randint(0, 10000, num_eval).tolist()
+        runs = [
+            (
+                mezo_subset(valid_rows, 0, num_eval),
+                [mezo_subset(train_rows, s, num_train) for s in demo_seeds],
+            )
+        ]
+    else:
+        runs = [
+            (mezo_subset(valid_rows, s, num_eval), [mezo_subset(train_rows, s, num_train)] * num_eval)
+            for s in seeds
+        ]
+    expected_calls = [
+        (demos, eval_id)
+        for eval_ids, demo_sets in runs
+        for eval_id, demos in zip(eval_ids, demo_sets, strict=True)
+    ]
+    assert [(demos, eval_id) for demos, eval_id, _ in predictions] == expected_calls
+
+    metric = "f1" if generation else "accuracy"
+    for run_index, path in enumerate(expected):
+        metrics = read_json(tmp_path / path)
+        assert list(metrics) == [metric]
+        assert 0.0 <= metrics[metric] <= 1.0
+        calls = predictions[run_index * num_eval : (run_index + 1) * num_eval]
+        if generation:
+            assert all(isinstance(p.predicted_candidate, str) for _, _, p in calls)
+            assert all(isinstance(p.correct_candidate, list) for _, _, p in calls)
+            assert metrics[metric] == pytest.approx(calculate_metric([p for _, _, p in calls], "f1"))
+        else:
+            assert metrics[metric] == pytest.approx(accuracy_of(calls))
+
+
+def test_llama_zero_shot_runs(cli, predictions, tmp_path, tiny_llama_dir):
+    assert cli("--task_name", "SST2", "--model_name", tiny_llama_dir, "--num_eval", 8) == 0
+    assert result_files(tmp_path) == ["result/SST2-tiny-llama-sampleeval8-onetrainpereval.json"]
+    metrics = read_json(tmp_path / "result/SST2-tiny-llama-sampleeval8-onetrainpereval.json")
+    assert metrics["accuracy"] == pytest.approx(accuracy_of(predictions))
+    assert len(predictions) == 8 and all(demos == [] for demos, _, _ in predictions)
+
+
+def test_model_path_and_tag_name_the_result(cli, tmp_path, tiny_opt_dir):
+    args = ["--task_name", "SST2", "--num_eval", 4, "--model_name", "facebook/opt-13b"]
+    assert cli(*args, "--model_path", tiny_opt_dir, "--tag", "mine") == 0
+    assert result_files(tmp_path) == ["result/SST2-opt-13b-sampleeval4-mine-onetrainpereval.json"]
+
+
+def test_result_file_option_replaces_the_default_path(cli, tmp_path, tiny_opt_dir):
+    args = ["--task_name", "SST2", "--num_eval", 4, "--model_name", tiny_opt_dir]
+    assert cli(*args, "--result_file", "elsewhere/metrics.json") == 0
+    assert result_files(tmp_path) == ["elsewhere/metrics.json"]
+    assert 0.0 <= read_json(tmp_path / "elsewhere/metrics.json")["accuracy"] <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. The real SmolLM2-135M
+
+
+def test_smollm2_zero_shot_sst2(cli, predictions, tmp_path, smollm2_dir):
+    assert cli("--task_name", "SST2", "--model_name", smollm2_dir, "--num_eval", 16) == 0
+    path = tmp_path / "result" / "SST2-SmolLM2-135M-sampleeval16-onetrainpereval.json"
+    accuracy = read_json(path)["accuracy"]
+    assert isinstance(accuracy, float) and 0.0 <= accuracy <= 1.0
+    assert len(predictions) == 16
+    assert accuracy == pytest.approx(accuracy_of(predictions))
+
+
+def direct_mean_option_log_probs(model, encodings, option_lens):
+    """Per candidate, unpadded: mean log-prob of its last option_len tokens, each given all tokens before."""
+    scores = []
+    with torch.no_grad():
+        for ids, option_len in zip(encodings, option_lens, strict=True):
+            log_probs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+            positions = range(len(ids) - option_len, len(ids))
+            scores.append(float(np.mean([log_probs[i - 1, ids[i]].item() for i in positions])))
+    return scores
+
+
+def test_smollm2_icl_scoring_picks_the_best_mean_option_log_prob(smollm2_dir, data_dir, tmp_path):
+    argv = ["--task_name", "SST2", "--model_name", str(smollm2_dir), "--data_dir", str(data_dir)]
+    args = run_lozo.parse_args(
+        [*argv, "--num_train", "4", "--train_set_seed", "0", "--output_dir", str(tmp_path)]
+    )
+    task = tasks.get_task(args.task_name, args.data_dir)
+    framework = run_lozo.Framework(args, task)
+    demos = task.sample_subset("train", seed=0, num=4)
+    # Valid rows 1 and 4: the model prefers "terrible" on one and (wrongly, gold is 0) "great" on the other.
+    picked = set()
+    for position in (1, 4):
+        sample = task.valid_samples[position]
+        encodings, option_lens = encode_prompt(
+            task, framework.template, demos, sample, framework.tokenizer, max_length=args.max_length
+        )
+        prompt = framework.tokenizer.decode(encodings[0])
+        assert all(demo.data["sentence"].strip() in prompt for demo in demos)
+        scores = direct_mean_option_log_probs(framework.model, encodings, option_lens)
+        assert abs(scores[0] - scores[1]) > 1e-3  # a clear winner, so the argmax is well defined
+        batched = [lp.mean().item() for lp in framework.option_log_probs(encodings, option_lens)]
+        assert batched == pytest.approx(scores, abs=1e-4)
+
+        prediction = framework.one_step_pred(demos, sample)
+        assert prediction.predicted_candidate == int(np.argmax(scores))
+        assert prediction.correct_candidate == sample.candidates.index(sample.correct_candidate)
+        picked.add(prediction.predicted_candidate)
+    assert picked == {0, 1}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. Bad input: exit 2, one `error:` line naming the problem, nothing loaded, nothing written
+
+
+@pytest.fixture(scope="module")
+def bad_data(tmp_path_factory, data_dir):
+    """Data folders for CB: one holding only train.jsonl, one whose train.jsonl has a broken line 3."""
+    only_train = tmp_path_factory.mktemp("only-train")
+    (only_train / "cb").mkdir()
+    shutil.copyfile(data_dir / "cb" / "train.jsonl", only_train / "cb" / "train.jsonl")
+    corrupt = tmp_path_factory.mktemp("corrupt")
+    (corrupt / "cb").mkdir()
+    for name in ("train.jsonl", "validation.jsonl"):
+        shutil.copyfile(data_dir / "cb" / name, corrupt / "cb" / name)
+    lines = (corrupt / "cb" / "train.jsonl").read_text().splitlines(keepends=True)
+    lines[2] = '{"premise": "cut off in the mid\n'
+    (corrupt / "cb" / "train.jsonl").write_text("".join(lines))
+    return {"only_train": only_train, "corrupt": corrupt}
+
+
+# id: (arguments, words the error line must contain); {only_train}, {corrupt}, {tmp} are filled in.
+BAD_INPUTS = {
+    "unknown-task": (["--task_name", "SST3"], ["unknown task", "SST3"]),
+    "missing-data-folder": (["--data_dir", "/nonexistent"], ["/nonexistent/sst2"]),
+    "missing-split-file": (["--task_name", "CB", "--data_dir", "{only_train}"], ["cb/validation.jsonl"]),
+    "corrupt-line": (
+        ["--task_name", "CB", "--data_dir", "{corrupt}"],
+        ["{corrupt}/cb/train.jsonl", "line 3"],
+    ),
+    "unknown-model": (["--model_name", "{tmp}/no-such-model"], ["{tmp}/no-such-model"]),
+    "unknown-trainer": (["--trainer", "foo"], ["--trainer", "foo"]),
+    "rank-0": (["--rank_r", "0"], ["--rank_r"]),
+    "step-interval-0": (["--step_interval", "0"], ["--step_interval"]),
+    "zo-eps-0": (["--zo_eps", "0"], ["--zo_eps"]),
+    "beta1-1": (["--beta1", "1.0"], ["--beta1"]),
+    "unknown-lozo-optimizer": (["--lozo_optimizer", "adam"], ["--lozo_optimizer", "adam"]),
+    "non-diff-on-sst2": (["--non_diff", "--trainer", "zo"], ["--non_diff", "SST2"]),
+    "classification-on-squad": (
+        ["--task_name", "SQuAD", "--train_as_classification"],
+        ["--train_as_classification"],
+    ),
+}
+
+
+def bad_input(case, bad_data, tmp, model_dir):
+    argv, words = BAD_INPUTS[case]
+    paths = {name: str(path) for name, path in bad_data.items()} | {"tmp": str(tmp)}
+    argv = [arg.format(**paths) for arg in argv]
+    if "--model_name" not in argv:
+        argv += ["--model_name", str(model_dir)]
+    return argv, [word.format(**paths) for word in words]
+
+
+def check_error_output(stderr, words):
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:]
+    assert lines[-1].startswith("error: ")
+    for word in words:
+        assert word in lines[-1]
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_error_line(case, cli, capsys, monkeypatch, tmp_path, bad_data, tiny_opt_dir):
+    argv, words = bad_input(case, bad_data, tmp_path, tiny_opt_dir)
+    if case != "unknown-model":
+
+        def no_model(args):
+            raise AssertionError("the model was loaded before the bad input was rejected")
+
+        monkeypatch.setattr(run_lozo, "load_model", no_model)
+    assert cli(*argv) == 2
+    check_error_output(capsys.readouterr().err, words)
+    assert result_files(tmp_path) == []
+
+
+SUBPROCESS_CASES = ("unknown-task", "corrupt-line", "unknown-model")
+
+
+@pytest.fixture(scope="module")
+def script_runs(tmp_path_factory, bad_data, data_dir, tiny_opt_dir):
+    """The script as a user runs it, for a few bad inputs, all started at once to overlap their imports."""
+    env = os.environ | {tasks.DATA_DIR_ENV: str(data_dir), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for case in SUBPROCESS_CASES:
+        cwd = tmp_path_factory.mktemp(f"cli-{case}")
+        argv, words = bad_input(case, bad_data, cwd, tiny_opt_dir)
+        process = subprocess.Popen(
+            [sys.executable, str(SCRIPT), *argv],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        runs[case] = (process, cwd, words)
+    yield runs
+    for process, _, _ in runs.values():
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.parametrize("case", SUBPROCESS_CASES)
+def test_script_exits_2_with_one_error_line_and_no_traceback(case, script_runs):
+    process, cwd, words = script_runs[case]
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 2, stderr
+    check_error_output(stderr, words)
+    assert result_files(cwd) == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. A train set larger than the split shrinks, with a warning
+
+
+def test_train_set_larger_than_the_split_warns_and_trains(cli, trainings, caplog, tmp_path, tiny_opt_dir):
+    argv = ["--task_name", "CB", "--model_name", tiny_opt_dir, "--num_train", 1000, "--num_dev", 20]
+    argv += ["--train_set_seed", 0, "--trainer", "LOZO", "--max_steps", 1, "--num_eval", 4]
+    with caplog.at_level(logging.INFO):
+        assert cli(*argv, "--output_dir", tmp_path / "out") == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    about_size = [message for message in warnings if "250" in message]
+    assert len(about_size) == 1, warnings
+    assert "\n" not in about_size[0]
+    # All 250 CB train rows are used, in MeZO's seed-0 order: the last 20 as dev, the 230 before to train.
+    [(train_samples, dev_samples, trainer)] = trainings
+    order = mezo_subset(250, 0, 250)
+    assert [s.data["idx"] for s in train_samples] == order[:230]
+    assert [s.data["idx"] for s in dev_samples] == order[230:]
+    assert trainer.state.global_step == 1
+    assert trainer.zo_optimizer.zo_step == 1
+    metrics = read_json(tmp_path / "result/CB-tiny-opt-sampleeval4-ntrain1000-ndev20-trainset0.json")
+    assert set(metrics) == {"accuracy", "dev_accuracy"}
+
+
+def test_training_with_no_eval_writes_no_result(cli, trainings, tmp_path, tiny_opt_dir):
+    argv = ["--task_name", "SST2", "--model_name", tiny_opt_dir, "--num_train", 4, "--train_set_seed", 0]
+    assert cli(*argv, "--trainer", "zo", "--max_steps", 1, "--no_eval", "--output_dir", tmp_path / "out") == 0
+    [(_, _, trainer)] = trainings
+    assert trainer.state.global_step == 1
+    assert result_files(tmp_path / "result") == []  # as MeZO: nothing evaluated, nothing written
+
+
+def test_dev_set_as_large_as_the_split_is_not_a_crash(cli, capsys, tmp_path, tiny_opt_dir):
+    argv = ["--task_name", "CB", "--model_name", tiny_opt_dir, "--num_train", 10, "--num_dev", 300]
+    argv += ["--train_set_seed", 0, "--trainer", "LOZO", "--max_steps", 1, "--num_eval", 2]
+    assert cli(*argv, "--output_dir", tmp_path / "out") == 2
+    check_error_output(capsys.readouterr().err, ["num_dev"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. Training through the command line
+
+
+TRAINERS = {
+    # id: (arguments, (low-rank directions, LOZO-M momentum)) or None for first-order training
+    "zo": (["--trainer", "zo"], (False, None)),
+    "LOZO": (["--trainer", "LOZO"], (True, None)),
+    "LOZO-M": (["--trainer", "LOZO", "--lozo_optimizer", "sgdm"], (True, 0.9)),
+    "regular": (["--trainer", "regular"], None),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAINERS))
+def test_training_end_to_end(case, cli, trainings, tmp_path, tiny_opt_dir):
+    trainer_args, zo_kind = TRAINERS[case]
+    out = tmp_path / "out"
+    argv = ["--task_name", "SST2", "--model_name", tiny_opt_dir, *trainer_args, "--max_steps", 3]
+    argv += ["--per_device_train_batch_size", 4, "--num_train", 16, "--num_dev", 4, "--num_eval", 8]
+    argv += ["--train_set_seed", 0, "--output_dir", out, "--save_model", "--eval_strategy", "steps"]
+    assert cli(*argv, "--eval_steps", 2) == 0
+
+    assert result_files(tmp_path / "result") == ["SST2-tiny-opt-sampleeval8-ntrain16-ndev4-trainset0.json"]
+    metrics = read_json(tmp_path / "result/SST2-tiny-opt-sampleeval8-ntrain16-ndev4-trainset0.json")
+    assert set(metrics) == {"accuracy", "dev_accuracy"}
+    assert all(0.0 <= value <= 1.0 for value in metrics.values())
+
+    [(train_samples, dev_samples, trainer)] = trainings
+    assert (len(train_samples), len(dev_samples)) == (16, 4)
+    assert trainer.state.global_step == 3
+    if zo_kind is None:
+        assert trainer.zo_optimizer is None
+    else:
+        assert isinstance(trainer.zo_optimizer, ZOOptimizer)
+        assert (trainer.zo_optimizer.low_rank, trainer.zo_optimizer.beta) == zo_kind
+        assert trainer.zo_optimizer.zo_step == 3
+
+    # Evaluation during training: the task metric on the dev samples, logged every 2 steps.
+    evals = [entry for entry in trainer.state.log_history if "eval_accuracy" in entry]
+    assert [entry["step"] for entry in evals][:1] == [2]
+    assert all(0.0 <= entry["eval_accuracy"] <= 1.0 for entry in evals)
+    if evals[-1]["step"] == 3:  # evaluated at the end too: the same model and dev samples as dev_accuracy
+        assert evals[-1]["eval_accuracy"] == metrics["dev_accuracy"]
+
+    # --save_model: a loadable HF checkpoint holding the trained weights, which differ from the initial ones.
+    saved = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    trained = {name: value.detach().cpu() for name, value in trainer.model.state_dict().items()}
+    initial = AutoModelForCausalLM.from_pretrained(tiny_opt_dir).state_dict()
+    assert saved.keys() == trained.keys()
+    assert all(torch.equal(saved[name], trained[name]) for name in saved)
+    assert any(not torch.equal(saved[name], initial[name]) for name in saved)
+    tokenizers = [AutoTokenizer.from_pretrained(folder) for folder in (out, tiny_opt_dir)]
+    assert len({tuple(t.encode(" great", add_special_tokens=False)) for t in tokenizers}) == 1
