@@ -358,6 +358,7 @@ class LowRankTrainer(Trainer):
     def log(self, logs, *args, **kwargs):
         if self.zo_optimizer is not None and "loss" in logs:
             logs["zo_skipped_steps"] = self.zo_optimizer.skipped
+            logs.pop("grad_norm", None)  # there is no gradient; HF would report 0
         super().log(logs, *args, **kwargs)
 
     # ---- evaluation during training: the task metric on the dev samples ----

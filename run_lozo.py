@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments
 
@@ -227,14 +228,28 @@ class Framework:
 
     @torch.no_grad()
     def option_log_probs(self, encodings, option_lens):
-        """Log-probabilities of the last option_len tokens of each candidate (one padded forward)."""
+        """Log-probabilities of the last option_len tokens of each candidate, all candidates in one padded
+        forward. The prompt they share (demonstrations and input) runs once and is reused from the KV cache:
+        in-context learning costs one long forward per sample instead of one per candidate."""
         self.model.eval()
+        prefix = shared_prefix_length(encodings, option_lens)
         batch = DataCollatorWithPaddingAndNesting(self.tokenizer.pad_token_id)(
-            [{"input_ids": ids, "option_len": n} for ids, n in zip(encodings, option_lens, strict=True)]
+            [
+                {"input_ids": ids[prefix:], "option_len": n}
+                for ids, n in zip(encodings, option_lens, strict=True)
+            ]
         )
         batch = {k: v.to(self.device) for k, v in batch.items()}
         mask = target_mask(batch["input_ids"], batch["attention_mask"], batch["option_len"], -1)
-        logits = target_logits(self.model, batch, mask)
+        if prefix:
+            prompt = torch.tensor([encodings[0][:prefix]], device=self.device)
+            cache = self.model(input_ids=prompt, use_cache=True).past_key_values
+            cache.batch_repeat_interleave(len(encodings))
+            batch["attention_mask"] = F.pad(batch["attention_mask"], (prefix, 0), value=1)
+            keep = F.pad(mask, (0, 1))
+            logits = self.model(**batch_inputs(batch), past_key_values=cache, logits_to_keep=keep).logits
+        else:
+            logits = target_logits(self.model, batch, mask)
         rows, log_probs = target_log_probs(logits, batch["input_ids"], mask)
         return [log_probs[rows == row].cpu() for row in range(len(encodings))]
 
@@ -344,10 +359,32 @@ class Framework:
         except ValueError as error:  # conflicting HF training arguments
             raise UsageError(str(error).strip().splitlines()[0]) from None
         trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        trainer.save_state()  # trainer_state.json: the loss and eval history, for plots
         if args.save_model:
             trainer.save_model()
         self.model = trainer.model
         return trainer
+
+
+MIN_SHARED_PREFIX = 32  # below this, caching the shared prompt saves less than it costs
+
+
+def shared_prefix_length(encodings, option_lens):
+    """How many leading ids all candidates share that no candidate scores (0 when not worth caching)."""
+    if len(encodings) < 2:
+        return 0
+    unscored = min(len(ids) - n - 1 for ids, n in zip(encodings, option_lens, strict=True))
+    common = 0
+    for column in zip(*encodings, strict=False):
+        if any(token != column[0] for token in column):
+            break
+        common += 1
+    prefix = min(common, unscored)
+    return prefix if prefix >= MIN_SHARED_PREFIX else 0
+
+
+def batch_inputs(batch):
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
 def correct_index(sample, first_only=False):

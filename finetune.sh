@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# First-order fine-tuning (HF Trainer, AdamW) with MeZO's settings. Every setting comes from the
+# environment; extra arguments go to run_lozo.py unchanged, e.g.
+#   MODEL=facebook/opt-1.3b TASK=SST2 LR=1e-5 bash finetune.sh
+set -euo pipefail
+cd "$(dirname "$0")"
+MODEL=${MODEL:-facebook/opt-1.3b}
+BS=${BS:-8}
+LR=${LR:-1e-5}
+EPOCH=${EPOCH:-5}
+PRECISION=${PRECISION-} # first-order training keeps float32 weights unless asked
+source ./launch_common.sh
+TAG=${TAG:-ft-$MODE-$EPOCH-$BS-$LR-$SEED}
+
+python run_lozo.py \
+    --model_name "$MODEL" --task_name "$TASK" \
+    --output_dir "result/$TASK-$MODEL_NAME-$TAG" --tag "$TAG" \
+    --train_set_seed "$SEED" --num_train "$TRAIN" --num_dev "$DEV" --num_eval "$EVAL" \
+    --trainer regular --learning_rate "$LR" --num_train_epochs "$EPOCH" \
+    --per_device_train_batch_size "$BS" --logging_steps 10 \
+    --eval_strategy epoch --save_strategy epoch --save_total_limit 1 --load_best_model_at_end \
+    $PRECISION "${TASK_ARGS[@]}" "$@"

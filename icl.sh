@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Zero-shot (TRAIN=0) and in-context learning with MeZO's defaults: 32 demonstrations, 1,000 evaluation
+# samples, one demonstration set per evaluation sample. Extra arguments go to run_lozo.py, e.g.
+#   MODEL=facebook/opt-13b TASK=SST2 bash icl.sh --sfc
+set -euo pipefail
+cd "$(dirname "$0")"
+MODEL=${MODEL:-facebook/opt-13b}
+TASK=${TASK:-SST2}
+TRAIN=${TRAIN:-32}
+EVAL=${EVAL:-1000}
+PRECISION=${PRECISION:---load_float16}
+MODEL_NAME=${MODEL%/}
+MODEL_NAME=${MODEL_NAME##*/}
+TAG=${TAG:-icl}
+
+python run_lozo.py \
+    --model_name "$MODEL" --task_name "$TASK" \
+    --output_dir "result/$TASK-$MODEL_NAME-$TAG" --tag "$TAG" \
+    --num_train "$TRAIN" --num_eval "$EVAL" $PRECISION "$@"

@@ -1,0 +1,44 @@
+# Settings shared by lozo.sh, mezo.sh and finetune.sh (sourced, not run). Each is read from the
+# environment; the defaults are MeZO's reference settings for zeroth-order training.
+MODEL=${MODEL:-facebook/opt-13b}
+TASK=${TASK:-SST2}
+MODE=${MODE:-ft}
+BS=${BS:-16}
+LR=${LR:-1e-7}
+EPS=${EPS:-1e-3}
+SEED=${SEED:-0}
+TRAIN=${TRAIN:-1000}
+EVAL=${EVAL:-1000}
+STEPS=${STEPS:-20000}
+EVAL_STEPS=${EVAL_STEPS:-4000}
+PRECISION=${PRECISION---load_float16} # fp16 weights where a GPU supports them (float32 on CPU)
+MODEL_NAME=${MODEL%/}
+MODEL_NAME=${MODEL_NAME##*/}
+
+if [ "$MODE" != ft ]; then
+    echo "error: MODE=$MODE is not supported yet; use MODE=ft (full-parameter)" >&2
+    exit 2
+fi
+
+# Per-task settings as MeZO: small dev sets for CB and Copa; multiple-choice and generation tasks
+# train on the gold sequence instead of as classification.
+case $TASK in
+    CB | Copa) DEV=${DEV:-100} ;;
+    *) DEV=${DEV:-500} ;;
+esac
+case $TASK in
+    Copa | ReCoRD | SQuAD | DROP) TASK_ARGS=() ;;
+    *) TASK_ARGS=(--train_as_classification) ;;
+esac
+
+zo_launch() {
+    python run_lozo.py \
+        --model_name "$MODEL" --task_name "$TASK" \
+        --output_dir "result/$TASK-$MODEL_NAME-$TAG" --tag "$TAG" \
+        --train_set_seed "$SEED" --num_train "$TRAIN" --num_dev "$DEV" --num_eval "$EVAL" \
+        --max_steps "$STEPS" --per_device_train_batch_size "$BS" \
+        --learning_rate "$LR" --zo_eps "$EPS" --lr_scheduler_type constant \
+        --logging_steps 10 --eval_strategy steps --eval_steps "$EVAL_STEPS" \
+        --save_strategy steps --save_steps "$EVAL_STEPS" --save_total_limit 1 --load_best_model_at_end \
+        $PRECISION "${TRAINER_ARGS[@]}" "${TASK_ARGS[@]}" "$@"
+}
