@@ -8,6 +8,7 @@ result/<task>-<model>-<tags>.json.
 """
 
 import dataclasses
+import enum
 import logging
 import os
 import sys
@@ -409,10 +410,14 @@ def parse_args(argv):
     return args
 
 
+def format_arguments(args):
+    """Every resolved argument on its own line, enums by value (as MeZO prints its arguments)."""
+    values = {k: v.value if isinstance(v, enum.Enum) else v for k, v in dataclasses.asdict(args).items()}
+    return "\n".join(f"  {k} = {v!r}" for k, v in sorted(values.items()))
+
+
 def run(args):
-    logger.info(
-        "arguments:\n%s", "\n".join(f"  {k} = {v!r}" for k, v in sorted(dataclasses.asdict(args).items()))
-    )
+    logger.info("arguments:\n%s", format_arguments(args))
     task = tasks.get_task(args.task_name, args.data_dir)
     framework = Framework(args, task)
     train_sets = task.sample_train_sets(

@@ -348,3 +348,67 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(method, tiny_opt_di
     assert any(not torch.equal(a[k], c[k]) for k in a)  # steps 3-4 changed the weights
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights_take_the_same_step(dtype):
+    """fp16/bf16 weights: perturbation and update happen in the weights' dtype, with the fp32 direction."""
+    torch.manual_seed(0)
+    weight32 = torch.randn(32, 24)
+    bias32 = torch.randn(32)
+    weight, bias = torch.nn.Parameter(weight32.to(dtype)), torch.nn.Parameter(bias32.to(dtype))
+    optimizer = ZOOptimizer([weight, bias], lr=0.1, eps=1e-2, seed=4, low_rank=True, rank=2)
+    start_w, start_b = weight.detach().float().clone(), bias.detach().float().clone()
+    optimizer.begin_step()
+    optimizer.perturb(+1)
+    optimizer.perturb(-2)
+    optimizer.set_projected_grad(1.5)
+    optimizer.step()
+    U = regenerate(4, U_STREAM, 0, 0, (32, 2))
+    V = regenerate(4, V_STREAM, 0, 0, (24, 2))
+    z = regenerate(4, U_STREAM, 0, 1, (32,))
+    assert weight.dtype == dtype and bias.dtype == dtype
+    tolerance = 0.05 if dtype == torch.bfloat16 else 0.01  # a few units in the last place of |W| ~ 3
+    torch.testing.assert_close(weight.detach().float() - start_w, -0.15 * U @ V.T, atol=tolerance, rtol=0)
+    torch.testing.assert_close(bias.detach().float() - start_b, -0.15 * z, atol=tolerance, rtol=0)
+
+
+def test_sigusr1_saves_a_checkpoint_and_stops(tiny_opt_dir, sst2, tmp_path):
+    from transformers import TrainerCallback
+
+    class Interrupt(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                os.kill(os.getpid(), __import__("signal").SIGUSR1)
+
+    extra = ["--trainer", "LOZO", "--max_steps", "5", "--save_on_interrupt"]
+    framework = run_lozo.Framework(parse(tiny_opt_dir, tmp_path, *extra), sst2)
+    original = run_lozo.LowRankTrainer.__init__
+
+    def with_interrupt(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.add_callback(Interrupt())
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run_lozo.LowRankTrainer, "__init__", with_interrupt)
+        trainer = train(framework, sst2)
+    assert trainer.state.global_step == 2  # the step running at the signal finished, then it stopped
+    assert (tmp_path / "out" / "checkpoint-2" / "model.safetensors").is_file()
+
+
+def test_non_diff_trains_on_minus_f1_of_generated_answers(tiny_opt_dir, data_dir, tmp_path):
+    squad = tasks.get_task("SQuAD", str(data_dir))
+    args = run_lozo.parse_args(
+        [
+            "--task_name", "SQuAD", "--model_name", str(tiny_opt_dir), "--output_dir", str(tmp_path / "out"),
+            "--trainer", "zo", "--non_diff", "--max_steps", "2", "--per_device_train_batch_size", "2",
+            "--max_new_tokens", "4", "--logging_steps", "1", "--learning_rate", "1e-3",
+        ]
+    )  # fmt: skip
+    framework = run_lozo.Framework(args, squad)
+    features = framework.training_features(squad.samples["train"][:2])
+    assert features[0]["gold"] == squad.samples["train"][0].correct_candidate
+    assert framework.tokenizer.decode(features[0]["input_ids"]).endswith("Answer:")
+    trainer = framework.train(squad.samples["train"][:4], squad.valid_samples[:2])
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and all(-1.0 <= loss <= 0.0 for loss in losses)

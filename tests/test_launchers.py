@@ -1,0 +1,86 @@
+"""The shell launchers read every setting from the environment and pass extra arguments through."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def launch(script, env, *args, tmp_path):
+    # The launchers cd into the repo and write result/ there: run a copy of the repo's scripts instead.
+    for name in ("icl.sh", "lozo.sh", "mezo.sh", "finetune.sh", "launch_common.sh"):
+        (tmp_path / name).write_text((REPO / name).read_text())
+    shim = f"import runpy, sys\nsys.path.insert(0, {str(REPO)!r})\n"
+    shim += f"runpy.run_path({str(REPO / 'run_lozo.py')!r}, run_name='__main__')\n"
+    (tmp_path / "run_lozo.py").write_text(shim)
+    full_env = dict(os.environ, **{k: str(v) for k, v in env.items()})
+    return subprocess.run(
+        ["bash", str(tmp_path / script), *args], env=full_env, capture_output=True, text=True
+    )
+
+
+def test_lozo_sh_takes_its_settings_from_the_environment(tiny_opt_dir, data_dir, tmp_path):
+    env = dict(
+        MODEL=tiny_opt_dir,
+        TASK="CB",
+        TRAIN=8,
+        EVAL=4,
+        BS=4,
+        STEPS=2,
+        EVAL_STEPS=1,
+        LR=1e-4,
+        EPS=1e-2,
+        RANK=3,
+        STEP_INTERVAL=7,
+        LOZO_OPTIMIZER="sgdm",
+        BETA1=0.5,
+        SEED=1,
+        LOZO_DATA_DIR=data_dir,
+    )
+    done = launch("lozo.sh", env, "--num_dev", "4", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for setting in [
+        "rank_r = 3",
+        "step_interval = 7",
+        "lozo_optimizer = 'sgdm'",
+        "beta1 = 0.5",
+        "learning_rate = 0.0001",
+        "zo_eps = 0.01",
+        "max_steps = 2",
+        "train_set_seed = 1",
+        "lr_scheduler_type = 'constant'",
+        "train_as_classification = True",
+        "num_dev = 4",
+    ]:
+        assert setting in done.stderr, setting
+    tag = "lozo-sgdm-ft-2-4-0.0001-0.01-r3-nu7-1"
+    result = tmp_path / "result" / f"CB-tiny-opt-sampleeval4-ntrain8-ndev4-{tag}-trainset0.json"
+    assert set(json.loads(result.read_text())) == {"accuracy", "dev_accuracy"}
+
+
+def test_mezo_sh_uses_mezo_and_copa_trains_on_the_gold_sequence(tiny_opt_dir, data_dir, tmp_path):
+    env = dict(
+        MODEL=tiny_opt_dir, TASK="Copa", TRAIN=8, EVAL=4, BS=4, STEPS=1, EVAL_STEPS=1, LOZO_DATA_DIR=data_dir
+    )
+    done = launch("mezo.sh", env, "--no_eval", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "trainer = 'zo'" in done.stderr and "train_as_classification = False" in done.stderr
+    assert "num_dev = 100" in done.stderr  # MeZO's Copa dev size
+
+
+def test_icl_sh_defaults_and_passthrough(tiny_opt_dir, data_dir, tmp_path):
+    env = dict(MODEL=tiny_opt_dir, TASK="SST2", TRAIN=2, EVAL=3, LOZO_DATA_DIR=data_dir)
+    done = launch("icl.sh", env, "--sfc", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = tmp_path / "result" / "SST2-tiny-opt-sfc-sampleeval3-ntrain2-icl-onetrainpereval.json"
+    assert 0 <= json.loads(result.read_text())["accuracy"] <= 1
+
+
+def test_unsupported_mode_is_a_one_line_error(tiny_opt_dir, tmp_path):
+    done = launch("lozo.sh", dict(MODEL=tiny_opt_dir, MODE="lora"), tmp_path=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: MODE=lora is not supported yet; use MODE=ft (full-parameter)"
+    ]
