@@ -21,7 +21,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from metrics import f1
-from utils import option_loss, target_logits, target_mask
+from utils import UsageError, option_loss, target_logits, target_mask
 
 logger = logging.getLogger(__name__)
 
@@ -75,19 +75,34 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.eps, self.seed, self.low_rank = eps, seed, low_rank
         self.rank, self.step_interval, self.beta = rank, step_interval, momentum
         self.tensors = [(i, p) for i, p in enumerate(p for g in self.param_groups for p in g["params"])]
-        self.group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        self.index = {id(p): i for i, p in self.tensors}
         self.zo_step = 0  # optimisation steps taken: selects Z and the V period
         self.skipped = 0  # steps whose losses were not finite
         self.projected_grad = None
         self.V = {}  # tensor index -> V (n×r, float32), current period
         self.V_previous = {}  # during a step that redrew V: the V it replaced (LOZO-M carries momentum over)
         self.momentum = {}  # tensor index -> N (m×r) for low-rank tensors, dense momentum otherwise (float32)
+        self._begun = None  # the step begin_step() last prepared (it must not redraw V twice)
+
+    def settings(self):
+        """What a checkpoint must agree on to resume this run."""
+        return {
+            "low_rank": self.low_rank,
+            "rank": self.rank,
+            "step_interval": self.step_interval,
+            "momentum": self.beta,
+            "eps": self.eps,
+            "seed": self.seed,
+        }
 
     def is_low_rank(self, param):
         return self.low_rank and param.dim() == 2
 
     def begin_step(self):
         """Redraw V at steps 0, ν, 2ν, …, keeping the old V for LOZO-M's carry-over."""
+        if self._begun == self.zo_step:
+            return
+        self._begun = self.zo_step
         self.V_previous = {}
         if not self.low_rank or self.zo_step % self.step_interval:
             return
@@ -129,15 +144,17 @@ class ZOOptimizer(torch.optim.Optimizer):
         finite = math.isfinite(g)
         if not finite:
             self.skipped += 1
-        for i, p in self.tensors:
-            group = self.group_of[id(p)]
+        # The groups are read now: the lr scheduler (and load_state_dict) replace their values.
+        for group in self.param_groups:
             lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
             if not finite:  # only undo the −εZ perturbation
                 lr, decay, g = 0.0, 1.0, 0.0
-            if self.is_low_rank(p):
-                self._step_low_rank(i, p, g, lr, decay, finite)
-            else:
-                self._step_dense(i, p, g, lr, decay, finite)
+            for p in group["params"]:
+                i = self.index[id(p)]
+                if self.is_low_rank(p):
+                    self._step_low_rank(i, p, g, lr, decay, finite)
+                else:
+                    self._step_dense(i, p, g, lr, decay, finite)
         self.zo_step += 1
         self.projected_grad = None
         self.V_previous = {}
@@ -159,10 +176,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         p.data.addmm_((decay * self.eps * U - lr * N).to(p.dtype), Vt.to(p.dtype), beta=decay)
 
     def _step_dense(self, i, p, g, lr, decay, finite):
-        if decay != 1.0:  # an extra pass only when weight decay applies to this tensor
-            p.data.mul_(decay)
         if self.beta is None:
             for part, z in dense_noise(p, self._seed(i)):
+                if decay != 1.0:
+                    part.mul_(decay)
                 part.add_(z, alpha=decay * self.eps - lr * g)
             return
         if i not in self.momentum and finite:
@@ -171,6 +188,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         flat_momentum = momentum.view(-1) if momentum is not None else None
         start = 0
         for part, z in dense_noise(p, self._seed(i)):
+            if decay != 1.0:
+                part.mul_(decay)
             part.add_(z, alpha=decay * self.eps)
             if finite:
                 m = flat_momentum[start : start + part.numel()]
@@ -181,6 +200,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     def state_dict(self):
         state = super().state_dict()
         state["zo"] = {
+            "settings": self.settings(),
             "step": self.zo_step,
             "seed": self.seed,
             "skipped": self.skipped,
@@ -191,10 +211,19 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
-        zo = state_dict.pop("zo")
+        zo = state_dict.pop("zo", None)
+        if zo is None:
+            raise UsageError(
+                "the checkpoint holds no zeroth-order state; resume with the trainer that wrote it"
+            )
+        if zo["settings"] != self.settings():
+            changed = {
+                k: (v, self.settings()[k]) for k, v in zo["settings"].items() if self.settings()[k] != v
+            }
+            raise UsageError(f"the checkpoint was trained with other settings (checkpoint, now): {changed}")
         super().load_state_dict(state_dict)
         devices = {i: p.device for i, p in self.tensors}
-        self.zo_step, self.seed, self.skipped = zo["step"], zo["seed"], zo["skipped"]
+        self.zo_step, self.skipped = zo["step"], zo["skipped"]
         self.V = {int(i): v.to(devices[int(i)]) for i, v in zo["V"].items()}
         self.momentum = {int(i): m.to(devices[int(i)]) for i, m in zo["momentum"].items()}
 
@@ -319,10 +348,7 @@ class LowRankTrainer(Trainer):
         if self._micro_batches == 0:
             optimizer.begin_step()
             self._loss_sums = torch.zeros(3, dtype=torch.float64)
-        optimizer.perturb(+1)
-        loss_plus, count = self.loss_sum(model, inputs)
-        optimizer.perturb(-2)
-        loss_minus, _ = self.loss_sum(model, inputs)
+        loss_plus, loss_minus, count = self.two_point_losses(model, inputs)
         self._loss_sums += torch.tensor([float(loss_plus), float(loss_minus), count], dtype=torch.float64)
         self._micro_batches += 1
         if self.accelerator.gradient_state.sync_gradients:
@@ -336,6 +362,31 @@ class LowRankTrainer(Trainer):
         elif self._last_finite_loss is not None:
             step_loss = self._last_finite_loss
         return torch.tensor(step_loss / self.current_gradient_accumulation_steps, device=self.args.device)
+
+    def two_point_losses(self, model, inputs):
+        """L(θ+εZ) and L(θ−εZ) as (sum, sum, items); the weights stay at θ−εZ. If anything fails in
+        between (out of memory, Ctrl-C), θ is restored before the error propagates."""
+        optimizer, offset = self.zo_optimizer, 0
+        try:
+            optimizer.perturb(+1)
+            offset = 1
+            loss_plus, count = self.loss_sum(model, inputs)
+            optimizer.perturb(-2)
+            offset = -1
+            loss_minus, _ = self.loss_sum(model, inputs)
+        except BaseException:
+            optimizer.perturb(-offset)
+            self._micro_batches = 0
+            raise
+        return loss_plus, loss_minus, count
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.is_zo and self.zo_optimizer.zo_step != self.state.global_step:
+            raise UsageError(
+                f"checkpoint {checkpoint} has no optimizer state for step {self.state.global_step} "
+                "(saved with --save_only_model?); a zeroth-order run resumes only from full checkpoints"
+            )
 
     def _projected_grad(self):
         sums = self.reduce_loss_sums(self._loss_sums)

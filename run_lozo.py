@@ -109,12 +109,17 @@ class OurArguments(TrainingArguments):
             self.num_eval = self.num_test if self.num_eval is None else self.num_eval
         validate_arguments(self)
         if self.load_best_model_at_end and self.metric_for_best_model is None:
-            self.metric_for_best_model = "f1" if self.task_name in GENERATION_TASKS else "accuracy"
+            self.metric_for_best_model = task_metric(self)
             self.greater_is_better = True
         super().__post_init__()
 
 
 GENERATION_TASKS = ("SQuAD", "DROP")
+
+
+def task_metric(args):
+    """The metric evaluation reports (and model selection can use) for the task."""
+    return "f1" if args.task_name.split("__")[0] in GENERATION_TASKS else "accuracy"
 
 
 def validate_arguments(args):
@@ -144,6 +149,21 @@ def validate_arguments(args):
         (args.num_train >= 0, f"--num_train must be >= 0, got {args.num_train}"),
         (args.max_length > 1, f"--max_length must be > 1, got {args.max_length}"),
         (not (args.load_float16 and args.load_bfloat16), "choose one of --load_float16 and --load_bfloat16"),
+        (
+            not ((args.fp16 or args.bf16) and args.trainer in ("zo", "LOZO")),
+            "--fp16/--bf16 mixed precision needs gradients; load half-precision weights with --load_float16 "
+            "or --load_bfloat16 for zeroth-order training",
+        ),
+        (
+            int(os.environ.get("WORLD_SIZE", "1")) == 1 or args.trainer not in ("zo", "LOZO"),
+            "data-parallel zeroth-order training (several processes) is not supported yet; run one process "
+            "(a model too big for one GPU is split over all visible GPUs automatically)",
+        ),
+        (
+            args.metric_for_best_model in (None, task_metric(args), f"eval_{task_metric(args)}"),
+            f"--metric_for_best_model {args.metric_for_best_model!r} is not reported for {args.task_name}; "
+            f"use {task_metric(args)}",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -454,6 +474,8 @@ def run(args):
                     "rows; lower --num_dev"
                 )
             # As MeZO: without dev samples, evaluation during training uses the eval samples.
+            if args.resume_from_checkpoint and not os.path.isdir(args.resume_from_checkpoint):
+                raise UsageError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder")
             framework.train(train_samples, dev_samples or eval_samples)
             if args.no_eval:
                 continue

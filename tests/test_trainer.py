@@ -36,6 +36,7 @@ def parse(tiny_opt_dir, tmp_path, *extra):
             "--train_as_classification",
             "--logging_steps", "1",
             "--seed", "7",
+            "--lr_scheduler_type", "constant",
             *extra,
         ]
     )  # fmt: skip
@@ -80,9 +81,10 @@ def test_one_step_changes_each_weight_by_exactly_minus_lr_g_z(
     framework = run_lozo.Framework(args, sst2)
     before = snapshot(framework.model)
     grads = record_projected_grads(monkeypatch)
-    trainer_ = train(framework, sst2)
+    trainer_ = train(framework, sst2, num_train=8)  # one batch of all 8 samples
     (g,) = grads
     assert math.isfinite(g) and g != 0
+    assert g == pytest.approx(independent_projected_grad(trainer_, args, sst2, trainer == "LOZO"), rel=1e-3)
     index_of = {id(p): i for i, p in trainer_.zo_optimizer.tensors}
     low_rank_checked = dense_checked = 0
     for name, p in trainer_.model.named_parameters():
@@ -99,6 +101,50 @@ def test_one_step_changes_each_weight_by_exactly_minus_lr_g_z(
         scale = expected.abs().max().item()
         torch.testing.assert_close(change, expected, atol=1e-6 + 1e-4 * scale, rtol=0, msg=name)
     assert dense_checked > 0 and (trainer == "zo" or low_rank_checked > 0)
+
+
+def independent_projected_grad(trainer, args, sst2, low_rank):
+    """(L(θ+εZ) − L(θ−εZ)) / 2ε on the 8 training samples, recomputed on a fresh copy of the model."""
+    reference = run_lozo.Framework(args, sst2)
+    reference.model.eval()
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    by_name = dict(reference.model.named_parameters())
+    ordered = [by_name[names[id(p)]] for _, p in trainer.zo_optimizer.tensors]  # the trainer's tensor order
+    optimizer = ZOOptimizer(ordered, lr=0.0, eps=1e-3, seed=7, low_rank=low_rank, rank=2)
+    features = reference.training_features(sst2.sample_train_sets(num_train=8, seed=0)[0])
+    batch = DataCollatorWithPaddingAndNesting(reference.tokenizer.pad_token_id)(features)
+    with torch.no_grad():
+        optimizer.begin_step()
+        optimizer.perturb(+1)
+        loss_plus = zo_loss(reference.model, batch).item()
+        optimizer.perturb(-2)
+        loss_minus = zo_loss(reference.model, batch).item()
+    return (loss_plus - loss_minus) / 2e-3
+
+
+def test_lr_schedule_reaches_the_update(tiny_opt_dir, sst2, tmp_path, monkeypatch):
+    """Linear decay over 2 steps: step 0 uses η, step 1 uses η/2."""
+    lr = 0.05
+    extra = [
+        "--trainer",
+        "zo",
+        "--max_steps",
+        "2",
+        "--learning_rate",
+        str(lr),
+        "--lr_scheduler_type",
+        "linear",
+    ]
+    framework = run_lozo.Framework(parse(tiny_opt_dir, tmp_path, *extra), sst2)
+    before = snapshot(framework.model)
+    grads = record_projected_grads(monkeypatch)
+    trainer = train(framework, sst2)
+    index_of = {id(p): i for i, p in trainer.zo_optimizer.tensors}
+    for name, p in trainer.model.named_parameters():
+        i = index_of[id(p)]
+        expected = -lr * grads[0] * dense_z(7, 0, i, p) - lr / 2 * grads[1] * dense_z(7, 1, i, p)
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(p.detach() - before[name], expected, atol=1e-6 + 1e-4 * scale, rtol=0)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "sgdm"])
@@ -357,7 +403,7 @@ def test_half_precision_weights_take_the_same_step(dtype):
     weight32 = torch.randn(32, 24)
     bias32 = torch.randn(32)
     weight, bias = torch.nn.Parameter(weight32.to(dtype)), torch.nn.Parameter(bias32.to(dtype))
-    optimizer = ZOOptimizer([weight, bias], lr=0.1, eps=1e-2, seed=4, low_rank=True, rank=2)
+    optimizer = ZOOptimizer([weight, bias], lr=0.1, eps=0.5, seed=4, low_rank=True, rank=2)
     start_w, start_b = weight.detach().float().clone(), bias.detach().float().clone()
     optimizer.begin_step()
     optimizer.perturb(+1)
