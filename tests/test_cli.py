@@ -465,3 +465,28 @@ def test_training_end_to_end(case, cli, trainings, tmp_path, tiny_opt_dir):
     assert any(not torch.equal(saved[name], initial[name]) for name in saved)
     tokenizers = [AutoTokenizer.from_pretrained(folder) for folder in (out, tiny_opt_dir)]
     assert len({tuple(t.encode(" great", add_special_tokens=False)) for t in tokenizers}) == 1
+
+
+def test_half_precision_request_falls_back_to_float32_on_cpu(cli, caplog, tmp_path, tiny_opt_dir):
+    if torch.cuda.is_available():
+        pytest.skip("the fallback is for CPU-only machines")
+    loaded = []
+    original = run_lozo.load_model
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run_lozo, "load_model", lambda args: loaded.append(original(args)) or loaded[-1])
+        with caplog.at_level(logging.WARNING):
+            assert (
+                cli("--task_name", "SST2", "--model_name", tiny_opt_dir, "--num_eval", 2, "--load_float16")
+                == 0
+            )
+    assert loaded[0].dtype == torch.float32
+    warnings = [r.getMessage() for r in caplog.records if "no GPU" in r.getMessage()]
+    assert len(warnings) == 1 and "float32" in warnings[0] and "\n" not in warnings[0]
+
+
+def test_int8_without_a_gpu_is_a_one_line_error(cli, capsys, tmp_path, tiny_opt_dir):
+    if torch.cuda.is_available():
+        pytest.skip("needs a CPU-only machine")
+    assert cli("--task_name", "SST2", "--model_name", tiny_opt_dir, "--num_eval", 2, "--load_int8") == 2
+    check_error_output(capsys.readouterr().err, ["--load_int8"])
+    assert result_files(tmp_path / "result") == []
