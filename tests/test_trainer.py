@@ -226,11 +226,7 @@ def test_lozo_m_momentum_follows_the_formulas():
     N, V_old, m = torch.zeros(6, rank, dtype=torch.float64), None, torch.zeros(6, dtype=torch.float64)
     for step, g in enumerate(grads):
         w0, b0 = weight.detach().clone(), bias.detach().clone()
-        optimizer.begin_step()
-        optimizer.perturb(+1)
-        optimizer.perturb(-2)
-        optimizer.set_projected_grad(g)
-        optimizer.step()
+        take_step(optimizer, g)
         U = regenerate(11, U_STREAM, step, 0, (6, rank)).double()
         V = regenerate(11, V_STREAM, step // interval, 0, (5, rank)).double()
         if step % interval == 0 and V_old is not None:
@@ -244,20 +240,32 @@ def test_lozo_m_momentum_follows_the_formulas():
         torch.testing.assert_close(bias.detach() - b0, -lr * m, atol=1e-6, rtol=1e-5)
 
 
-def test_weight_decay_applies_to_weights_not_to_biases():
-    lr, wd, g = 0.1, 0.5, 0.0
-    weight = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
-    bias = torch.nn.Parameter(torch.randn(4, dtype=torch.float64))
-    groups = [{"params": [weight], "weight_decay": wd}, {"params": [bias], "weight_decay": 0.0}]
-    optimizer = ZOOptimizer(groups, lr=lr, eps=1e-3, seed=1, low_rank=True)
-    w0, b0 = weight.detach().clone(), bias.detach().clone()
+def take_step(optimizer, g):
+    """One ZO step with a given projected gradient (no model: the losses are not needed)."""
     optimizer.begin_step()
     optimizer.perturb(+1)
     optimizer.perturb(-2)
     optimizer.set_projected_grad(g)
     optimizer.step()
-    torch.testing.assert_close(weight.detach(), (1 - lr * wd) * w0, atol=1e-9, rtol=1e-9)
-    torch.testing.assert_close(bias.detach(), b0, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("low_rank", [True, False])
+def test_weight_decay_applies_to_weights_not_to_biases(low_rank):
+    lr, wd, g = 0.1, 0.5, 0.7
+    weight = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    bias = torch.nn.Parameter(torch.randn(4, dtype=torch.float64))
+    groups = [{"params": [weight], "weight_decay": wd}, {"params": [bias], "weight_decay": 0.0}]
+    optimizer = ZOOptimizer(groups, lr=lr, eps=1e-3, seed=1, low_rank=low_rank)
+    w0, b0 = weight.detach().clone(), bias.detach().clone()
+    take_step(optimizer, g)
+    if low_rank:
+        Z = regenerate(1, U_STREAM, 0, 0, (4, 2)) @ regenerate(1, V_STREAM, 0, 0, (3, 2)).T
+    else:
+        Z = regenerate(1, U_STREAM, 0, 0, (12,)).view(4, 3)
+    z = regenerate(1, U_STREAM, 0, 1, (4,))
+    expected = (1 - lr * wd) * w0 - lr * g * Z.double()
+    torch.testing.assert_close(weight.detach(), expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(bias.detach(), b0 - lr * g * z.double(), atol=1e-6, rtol=1e-6)
 
 
 def gradient_estimate(model, batch, params, low_rank, samples, eps=1e-4, rank=2):
