@@ -147,6 +147,14 @@ def validate_arguments(args):
             f"--train_as_classification does not apply to the generation task {args.task_name}; drop it",
         ),
         (args.num_train >= 0, f"--num_train must be >= 0, got {args.num_train}"),
+        (
+            args.trainer == "none" or args.train_set_seed is not None or args.num_train_sets is not None,
+            "training needs one train set: pass --train_set_seed (or --num_train_sets)",
+        ),
+        (
+            args.trainer != "none" or args.num_dev is None,
+            "--num_dev is for training; drop it with --trainer none",
+        ),
         (args.max_length > 1, f"--max_length must be > 1, got {args.max_length}"),
         (not (args.load_float16 and args.load_bfloat16), "choose one of --load_float16 and --load_bfloat16"),
         (
@@ -450,8 +458,6 @@ def run(args):
     os.makedirs("result", exist_ok=True)
     if args.train_set_seed is None and args.num_train_sets is None:
         # In-context default: one demonstration set per evaluation sample.
-        if args.trainer != "none":
-            raise UsageError("training needs one train set: pass --train_set_seed (or --num_train_sets)")
         eval_samples = task.sample_eval_samples(args.num_eval, seed=0)
         metrics = framework.evaluate(train_sets, eval_samples, one_train_set_per_eval_sample=True)
         output = args.result_file or f"result/{result_file_tag(args)}-onetrainpereval.json"
@@ -463,8 +469,6 @@ def run(args):
         set_seed = set_id if args.train_set_seed is None else args.train_set_seed
         eval_samples = task.sample_eval_samples(args.num_eval, seed=set_seed)
         if args.trainer == "none":
-            if args.num_dev is not None:
-                raise UsageError("--num_dev is for training; drop it with --trainer none")
             metrics = framework.evaluate(train_set, eval_samples)
         else:
             train_samples, dev_samples = tasks.split_train_dev(train_set, args.num_dev)

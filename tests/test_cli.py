@@ -302,6 +302,16 @@ BAD_INPUTS = {
         ["--task_name", "SQuAD", "--train_as_classification"],
         ["--train_as_classification"],
     ),
+    "training-without-a-train-set": (["--trainer", "LOZO"], ["--train_set_seed"]),
+    "dev-without-training": (["--num_dev", "10", "--train_set_seed", "0"], ["--num_dev", "--trainer none"]),
+    "mixed-precision-with-zo": (
+        ["--trainer", "zo", "--train_set_seed", "0", "--fp16"],
+        ["--fp16", "--load_float16"],
+    ),
+    "unreported-best-metric": (
+        ["--trainer", "zo", "--train_set_seed", "0", "--metric_for_best_model", "loss"],
+        ["--metric_for_best_model", "accuracy"],
+    ),
 }
 
 
