@@ -1,0 +1,356 @@
+"""Cost of one training step against the floor of two forward passes, and its peak memory.
+
+    python bench/zo_step.py --model models/SmolLM2-135M --batch 16 --seq 64
+    python bench/zo_step.py --model shape:opt-125m --device cuda --dtype float16
+
+Each method runs in a fresh process (so its peak memory is its own): after warm-up, the median of
+--steps timed steps. "forward" is one forward pass computing the training loss on the batch in inference
+mode, the unit the ZO methods are measured in (a ZO step needs two). LOZO, LOZO-M and MeZO run the
+project's own step (LowRankTrainer.zo_training_step + ZOOptimizer.step); the "-released" methods
+re-state the released code's formulation (out-of-place `param.data = param.data + ...`, perturb,
+restore and update as separate passes); FT-AdamW is the stock HF training step with AdamW.
+Peak memory: the highest resident set size sampled during the timed steps (CPU), or
+torch.cuda.max_memory_allocated (GPU).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SHAPES = {  # OPTConfig values of the released checkpoints; weights are random
+    "opt-125m": dict(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12),
+    "opt-350m": dict(
+        hidden_size=1024,
+        num_hidden_layers=24,
+        ffn_dim=4096,
+        num_attention_heads=16,
+        word_embed_proj_dim=512,
+        do_layer_norm_before=False,
+    ),
+}
+METHODS = ["forward", "LOZO", "LOZO-M", "MeZO", "LOZO-released", "MeZO-released", "FT-AdamW"]
+METHODS += [f"LOZO-r{r}" for r in (1, 2, 4, 8)]
+LR, EPS, SEED = 1e-6, 1e-3, 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Worker: one method, one process
+
+
+def load_model(spec, dtype, device):
+    from transformers import AutoModelForCausalLM, OPTConfig, OPTForCausalLM
+
+    if spec.startswith("shape:"):
+        torch.manual_seed(SEED)
+        config = OPTConfig(vocab_size=50272, max_position_embeddings=2048, **SHAPES[spec.split(":", 1)[1]])
+        return OPTForCausalLM(config).to(dtype=dtype, device=device), None
+    from transformers import AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(spec, dtype=dtype).to(device), AutoTokenizer.from_pretrained(
+        spec
+    )
+
+
+def real_batch(tokenizer, vocab_size, batch, seq, device):
+    """batch × seq ids of real SST-2 sentences (random ids for a shape-only model), the last id the option."""
+    ids = []
+    if tokenizer is not None:
+        import tasks
+
+        data_dir = os.environ.get("LOZO_DATA_DIR", str(REPO.parent / "shared" / "data"))
+        sentences = [
+            s.data["sentence"] for s in tasks.get_task("SST2", data_dir).samples["train"][: 40 * batch]
+        ]
+        stream = tokenizer.encode(" ".join(sentences), add_special_tokens=False)
+        ids = [stream[i * seq : (i + 1) * seq] for i in range(batch)]
+    else:
+        generator = torch.Generator().manual_seed(SEED)
+        ids = torch.randint(4, vocab_size, (batch, seq), generator=generator).tolist()
+    input_ids = torch.tensor(ids, device=device)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "option_len": torch.ones(batch, dtype=torch.long, device=device),
+    }
+
+
+def make_trainer(model, tokenizer, method, batch, output_dir):
+    import run_lozo
+    from LOZOtrainer import LowRankTrainer
+
+    trainer_name = {"MeZO": "zo", "FT-AdamW": "regular"}.get(method, "LOZO")
+    argv = ["--output_dir", output_dir, "--trainer", trainer_name, "--learning_rate", str(LR)]
+    argv += ["--zo_eps", str(EPS), "--train_set_seed", "0", "--per_device_train_batch_size", str(batch)]
+    if method == "LOZO-M":
+        argv += ["--lozo_optimizer", "sgdm"]
+    if method.startswith("LOZO-r"):
+        argv += ["--rank_r", method.removeprefix("LOZO-r")]
+    if model.device.type == "cpu":
+        argv += ["--use_cpu"]
+    args = run_lozo.parse_args(argv)
+    pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 1
+    processing = type("Pad", (), {"pad_token_id": pad})()
+    trainer = LowRankTrainer(model=model, args=args, train_dataset=[{}], processing_class=processing)
+    trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1
+    return trainer
+
+
+def released_step(model, loss_fn, low_rank, step, v_factors, rank=2, step_interval=50):
+    """The released code's formulation, for reference: out-of-place updates, seeded global RNG,
+    perturb / restore / update as separate passes over the weights."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if low_rank and step % step_interval == 0:
+        for i, p in enumerate(params):
+            if p.dim() == 2:
+                v_factors[i] = torch.randn(p.shape[1], rank, device=p.device, dtype=p.dtype)
+
+    def direction(p, i):
+        if low_rank and p.dim() == 2:
+            return torch.randn(p.shape[0], rank, device=p.device, dtype=p.dtype) @ v_factors[i].T
+        return torch.normal(0, 1, size=p.shape, device=p.device, dtype=p.dtype)
+
+    def perturb(scale):
+        torch.manual_seed(step)
+        for i, p in enumerate(params):
+            p.data = p.data + scale * EPS * direction(p, i)
+
+    with torch.no_grad():
+        perturb(+1)
+        loss_plus = loss_fn()
+        perturb(-2)
+        loss_minus = loss_fn()
+        perturb(+1)
+        g = (loss_plus - loss_minus).item() / (2 * EPS)
+        torch.manual_seed(step)
+        for i, p in enumerate(params):
+            p.data = p.data - LR * (g * direction(p, i))
+
+
+class PeakMemory:
+    """Highest resident set size (CPU) or allocated memory (GPU) while active, in MB."""
+
+    def __init__(self, device):
+        self.device, self.peak, self._running = device, 0, False
+
+    @staticmethod
+    def rss_mb():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def _sample(self):
+        while self._running:
+            self.peak = max(self.peak, self.rss_mb())
+            time.sleep(0.002)
+
+    def __enter__(self):
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self._running = True
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            self.peak = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            self._running = False
+            self._thread.join()
+            self.peak = max(self.peak, self.rss_mb())
+
+
+def run_worker(opts):
+    from utils import option_loss, target_logits, target_mask
+
+    torch.set_num_threads(opts.threads or torch.get_num_threads())
+    dtype = getattr(torch, opts.dtype)
+    model, tokenizer = load_model(opts.model, dtype, opts.device)
+    model.eval()
+    batch = real_batch(tokenizer, model.config.vocab_size, opts.batch, opts.seq, opts.device)
+    pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 1
+
+    def loss():
+        mask = target_mask(batch["input_ids"], batch["attention_mask"], batch["option_len"], pad)
+        return option_loss(target_logits(model, batch, mask), batch, pad, mask=mask)
+
+    method, step = opts.worker, 0
+    if method == "forward":
+
+        def run_step():
+            with torch.inference_mode():
+                loss()
+
+    elif method.endswith("-released"):
+        v_factors = {}
+
+        def run_step():
+            nonlocal step
+            released_step(model, loss, method.startswith("LOZO"), step, v_factors)
+            step += 1
+
+    else:
+        trainer = make_trainer(model, tokenizer, method, opts.batch, tempfile.mkdtemp())
+        if method == "FT-AdamW":
+            model.train()
+
+            def run_step():
+                trainer.training_step(model, batch)
+                trainer.optimizer.step()
+                model.zero_grad(set_to_none=True)
+
+        else:
+
+            def run_step():
+                trainer.zo_training_step(model, batch)
+                trainer.zo_optimizer.step()
+
+    def synchronized():
+        if opts.device == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(opts.warmup):
+        run_step()
+    synchronized()
+    times = []
+    with PeakMemory(opts.device) as memory:
+        for _ in range(opts.steps):
+            start = time.perf_counter()
+            run_step()
+            synchronized()
+            times.append(time.perf_counter() - start)
+    print(json.dumps({"step_s": statistics.median(times), "peak_mem_mb": memory.peak}))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parent: every method in its own process, then the table, the JSON and the chart
+
+
+def measure(opts, method):
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        method,
+        "--model",
+        opts.model,
+        "--batch",
+        str(opts.batch),
+    ]
+    command += ["--seq", str(opts.seq), "--device", opts.device, "--dtype", opts.dtype]
+    command += ["--steps", str(opts.steps), "--warmup", str(opts.warmup), "--threads", str(opts.threads)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"error: {method} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"  {method:14s} {result['step_s']:.3f} s  {result['peak_mem_mb']:.0f} MB", file=sys.stderr)
+    return result
+
+
+def table(report):
+    rows = [
+        "| method | step (s) | × two forwards | peak memory (MB) | × inference |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in report["methods"].items():
+        rows.append(
+            f"| {name} | {m['step_s']:.3f} | {m['ratio_to_two_forwards']:.2f} | {m['peak_mem_mb']:.0f} | "
+            f"{m['mem_ratio_to_inference']:.2f} |"
+        )
+    return "\n".join(rows)
+
+
+def chart(report, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in report["methods"] if n != "forward"]
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for axis, key, label, floor in [
+        (axes[0], "ratio_to_two_forwards", "step time / two forward passes", 1.0),
+        (axes[1], "mem_ratio_to_inference", "peak memory / inference peak", 1.0),
+    ]:
+        axis.bar(names, [report["methods"][n][key] for n in names], color="tab:blue")
+        axis.axhline(floor, color="k", linestyle="--", linewidth=1)
+        axis.set_ylabel(label)
+        axis.tick_params(axis="x", rotation=60)
+    shape = f"batch {report['batch']}×{report['seq']}"
+    figure.suptitle(f"{report['model']} · {report['device']} · {report['dtype']} · {shape}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", required=True, help="a checkpoint folder or shape:opt-125m / shape:opt-350m"
+    )
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--out", help="JSON report (default result/bench/<model>-<device>-<dtype>.json)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    opts = parser.parse_args()
+    if opts.model.startswith("shape:") and opts.model.split(":", 1)[1] not in SHAPES:
+        sys.exit(f"error: unknown shape {opts.model}; use one of: {', '.join('shape:' + s for s in SHAPES)}")
+    if not opts.model.startswith("shape:") and not Path(opts.model, "config.json").is_file():
+        sys.exit(f"error: {opts.model} has no config.json; give a checkpoint folder or a shape:NAME")
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but no GPU is visible; use --device cpu")
+    if opts.worker:
+        return run_worker(opts)
+
+    name = opts.model.removeprefix("shape:").rstrip("/").split("/")[-1]
+    out = Path(opts.out or REPO / "result" / "bench" / f"{name}-{opts.device}-{opts.dtype}.json")
+    print(f"{opts.model}: batch {opts.batch}×{opts.seq}, {opts.device}, {opts.dtype}", file=sys.stderr)
+    measured = {method: measure(opts, method) for method in opts.methods.split(",")}
+    forward = measured["forward"]
+    report = {
+        "model": opts.model,
+        "device": opts.device,
+        "dtype": opts.dtype,
+        "batch": opts.batch,
+        "seq": opts.seq,
+        "forward_s": forward["step_s"],
+        "inference_peak_mem_mb": forward["peak_mem_mb"],
+        "torch_threads": opts.threads or torch.get_num_threads(),
+        "methods": {
+            method: m
+            | {
+                "ratio_to_two_forwards": m["step_s"] / (2 * forward["step_s"]),
+                "mem_ratio_to_inference": m["peak_mem_mb"] / forward["peak_mem_mb"],
+            }
+            for method, m in measured.items()
+        },
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    chart(report, out.with_suffix(".png"))
+    print(table(report))
+    print(f"\n{out}\n{out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""The benchmark runs end to end and reports every field the README's table reads (no timing asserted)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_zo_step_benchmark_reports_each_method(tiny_opt_dir, data_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    methods = "forward,LOZO-r4,MeZO,LOZO-released,FT-AdamW"
+    command = [
+        sys.executable,
+        str(REPO / "bench" / "zo_step.py"),
+        "--model",
+        str(tiny_opt_dir),
+        "--batch",
+        "2",
+    ]
+    command += ["--seq", "8", "--steps", "1", "--warmup", "0", "--threads", "1", "--methods", methods]
+    done = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert list(report["methods"]) == methods.split(",")
+    for key in (
+        "model",
+        "device",
+        "dtype",
+        "batch",
+        "seq",
+        "forward_s",
+        "inference_peak_mem_mb",
+        "torch_threads",
+    ):
+        assert key in report
+    for name, method in report["methods"].items():
+        assert method["step_s"] > 0 and method["peak_mem_mb"] > 0, name
+        assert method["ratio_to_two_forwards"] == method["step_s"] / (2 * report["forward_s"])
+    assert report["methods"]["forward"]["mem_ratio_to_inference"] == 1.0
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "| LOZO-r4 |" in done.stdout
+
+
+def test_unknown_shape_is_a_one_line_error(tmp_path):
+    command = [sys.executable, str(REPO / "bench" / "zo_step.py"), "--model", "shape:opt-7b"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [
+        "error: unknown shape shape:opt-7b; use one of: shape:opt-125m, shape:opt-350m"
+    ]
