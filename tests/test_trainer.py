@@ -457,6 +457,7 @@ def test_non_diff_trains_on_minus_f1_of_generated_answers(tiny_opt_dir, data_dir
             "--task_name", "SQuAD", "--model_name", str(tiny_opt_dir), "--output_dir", str(tmp_path / "out"),
             "--trainer", "zo", "--non_diff", "--max_steps", "2", "--per_device_train_batch_size", "2",
             "--max_new_tokens", "4", "--logging_steps", "1", "--learning_rate", "1e-3",
+            "--train_set_seed", "0",
         ]
     )  # fmt: skip
     framework = run_lozo.Framework(args, squad)
