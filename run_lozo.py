@@ -28,6 +28,7 @@ from utils import (
     NondiffCollator,
     Prediction,
     UsageError,
+    accepts_logits_to_keep,
     encode_prompt,
     target_log_probs,
     target_logits,
@@ -272,11 +273,12 @@ class Framework:
         mask = target_mask(batch["input_ids"], batch["attention_mask"], batch["option_len"], -1)
         if prefix:
             prompt = torch.tensor([encodings[0][:prefix]], device=self.device)
-            cache = self.model(input_ids=prompt, use_cache=True).past_key_values
+            # Only the cache is needed from the prompt: skip its projection onto the vocabulary.
+            last_only = {"logits_to_keep": 1} if accepts_logits_to_keep(self.model) else {}
+            cache = self.model(input_ids=prompt, use_cache=True, **last_only).past_key_values
             cache.batch_repeat_interleave(len(encodings))
             batch["attention_mask"] = F.pad(batch["attention_mask"], (prefix, 0), value=1)
-            keep = F.pad(mask, (0, 1))
-            logits = self.model(**batch_inputs(batch), past_key_values=cache, logits_to_keep=keep).logits
+            logits = target_logits(self.model, batch, mask, past_key_values=cache)
         else:
             logits = target_logits(self.model, batch, mask)
         rows, log_probs = target_log_probs(logits, batch["input_ids"], mask)
@@ -410,10 +412,6 @@ def shared_prefix_length(encodings, option_lens):
         common += 1
     prefix = min(common, unscored)
     return prefix if prefix >= MIN_SHARED_PREFIX else 0
-
-
-def batch_inputs(batch):
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
 def correct_index(sample, first_only=False):
