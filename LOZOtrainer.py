@@ -202,7 +202,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         state["zo"] = {
             "settings": self.settings(),
             "step": self.zo_step,
-            "seed": self.seed,
             "skipped": self.skipped,
             "V": {i: v.cpu() for i, v in self.V.items()},
             "momentum": {i: m.cpu() for i, m in self.momentum.items()},
@@ -216,10 +215,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise UsageError(
                 "the checkpoint holds no zeroth-order state; resume with the trainer that wrote it"
             )
-        if zo["settings"] != self.settings():
-            changed = {
-                k: (v, self.settings()[k]) for k, v in zo["settings"].items() if self.settings()[k] != v
-            }
+        now = self.settings()
+        changed = {k: (v, now[k]) for k, v in zo["settings"].items() if now[k] != v}
+        if changed:
             raise UsageError(f"the checkpoint was trained with other settings (checkpoint, now): {changed}")
         super().load_state_dict(state_dict)
         devices = {i: p.device for i, p in self.tensors}

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import run_lozo
 import tasks
 from LOZOtrainer import U_STREAM, V_STREAM, ZOOptimizer, stream_seed
-from utils import DataCollatorWithPaddingAndNesting, option_loss, target_logits, target_mask
+from utils import DataCollatorWithPaddingAndNesting, UsageError, option_loss, target_logits, target_mask
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -467,3 +467,18 @@ def test_non_diff_trains_on_minus_f1_of_generated_answers(tiny_opt_dir, data_dir
     trainer = framework.train(squad.samples["train"][:4], squad.valid_samples[:2])
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 2 and all(-1.0 <= loss <= 0.0 for loss in losses)
+
+
+def test_resuming_with_other_settings_is_a_usage_error():
+    weight = torch.nn.Parameter(torch.randn(6, 5))
+    saved = ZOOptimizer([weight], lr=0.1, seed=3, low_rank=True, rank=2)
+    take_step(saved, 1.0)
+    state = saved.state_dict()
+    with pytest.raises(UsageError, match="'rank': \\(2, 3\\)"):
+        ZOOptimizer([weight], lr=0.1, seed=3, low_rank=True, rank=3).load_state_dict(state)
+    state.pop("zo")
+    with pytest.raises(UsageError, match="no zeroth-order state"):
+        ZOOptimizer([weight], lr=0.1, seed=3, low_rank=True, rank=2).load_state_dict(state)
+    resumed = ZOOptimizer([weight], lr=0.1, seed=3, low_rank=True, rank=2)
+    resumed.load_state_dict(saved.state_dict())
+    assert resumed.zo_step == 1 and torch.equal(resumed.V[0], saved.V[0])
