@@ -6,7 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")"
 MODEL=${MODEL:-facebook/opt-1.3b}
 BS=${BS:-8}
-LR=${LR:-1e-5}
+MODE=${MODE:-ft}
+case $MODE in # MeZO's first-order learning rates per mode
+    ft) LR=${LR:-1e-5} ;;
+    prefix) LR=${LR:-1e-2} ;;
+    lora) LR=${LR:-1e-4} ;;
+esac
 EPOCH=${EPOCH:-5}
 PRECISION=${PRECISION-} # first-order training keeps float32 weights unless asked
 source ./launch_common.sh
@@ -19,4 +24,4 @@ python run_lozo.py \
     --trainer regular --learning_rate "$LR" --num_train_epochs "$EPOCH" \
     --per_device_train_batch_size "$BS" --logging_steps 10 \
     --eval_strategy epoch --save_strategy epoch --save_total_limit 1 --load_best_model_at_end \
-    $PRECISION "${TASK_ARGS[@]}" "$@"
+    $PRECISION "${MODE_ARGS[@]}" "${TASK_ARGS[@]}" "$@"

@@ -4,8 +4,6 @@ MODEL=${MODEL:-facebook/opt-13b}
 TASK=${TASK:-SST2}
 MODE=${MODE:-ft}
 BS=${BS:-16}
-LR=${LR:-1e-7}
-EPS=${EPS:-1e-3}
 SEED=${SEED:-0}
 TRAIN=${TRAIN:-1000}
 EVAL=${EVAL:-1000}
@@ -15,10 +13,26 @@ PRECISION=${PRECISION---load_float16} # fp16 weights where a GPU supports them (
 MODEL_NAME=${MODEL%/}
 MODEL_NAME=${MODEL_NAME##*/}
 
-if [ "$MODE" != ft ]; then
-    echo "error: MODE=$MODE is not supported yet; use MODE=ft (full-parameter)" >&2
-    exit 2
-fi
+# MODE picks the trained parameters; LR and EPS default to MeZO's recommendations for zeroth-order
+# training in that mode (finetune.sh sets its first-order LR before sourcing this file).
+case $MODE in
+    ft)
+        MODE_ARGS=()
+        LR=${LR:-1e-7} EPS=${EPS:-1e-3}
+        ;;
+    prefix)
+        MODE_ARGS=(--prefix_tuning --num_prefix 5 --no_reparam --prefix_init_by_real_act)
+        LR=${LR:-1e-3} EPS=${EPS:-1e-1}
+        ;;
+    lora)
+        MODE_ARGS=(--lora)
+        LR=${LR:-5e-5} EPS=${EPS:-1e-2}
+        ;;
+    *)
+        echo "error: unknown MODE=$MODE; use ft (full-parameter), prefix or lora" >&2
+        exit 2
+        ;;
+esac
 
 # Per-task settings as MeZO: small dev sets for CB and Copa; multiple-choice and generation tasks
 # train on the gold sequence instead of as classification.
@@ -40,5 +54,5 @@ zo_launch() {
         --learning_rate "$LR" --zo_eps "$EPS" --lr_scheduler_type constant \
         --logging_steps 10 --eval_strategy steps --eval_steps "$EVAL_STEPS" \
         --save_strategy steps --save_steps "$EVAL_STEPS" --save_total_limit 1 --load_best_model_at_end \
-        $PRECISION "${TRAINER_ARGS[@]}" "${TASK_ARGS[@]}" "$@"
+        $PRECISION "${TRAINER_ARGS[@]}" "${MODE_ARGS[@]}" "${TASK_ARGS[@]}" "$@"
 }

@@ -17,12 +17,21 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from peft import PeftModel
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments
 
 import tasks
 from LOZOtrainer import LowRankTrainer
 from metrics import calculate_metric
+from tuning_modes import (
+    HeadInputs,
+    apply_tuning_mode,
+    fit_linear_probe,
+    save_adapter,
+    untie_embeddings,
+    write_head_rows,
+)
 from utils import (
     DataCollatorWithPaddingAndNesting,
     NondiffCollator,
@@ -99,6 +108,19 @@ class OurArguments(TrainingArguments):
     tag: str = ""
     verbose: bool = False
     non_diff: bool = False  # ZO only: train on minus the F1 of generated answers (SQuAD)
+
+    # parameter-efficient modes (MeZO's names and defaults)
+    lora: bool = False  # LoRA on the attention query/value projections (peft); base weights frozen
+    lora_r: int = 8
+    lora_alpha: int = 16
+    prefix_tuning: bool = False  # trainable key/value prefixes in every attention layer (peft)
+    num_prefix: int = 5
+    no_reparam: bool = True  # train the prefixes directly, no MLP reparameterisation
+    prefix_init_by_real_act: bool = True  # start from the keys/values of random vocabulary tokens
+    head_tuning: bool = False  # train the LM head only (the tied embeddings unless --untie_emb)
+    linear_probing: bool = False  # logistic regression on the final hidden states, into the LM head
+    lp_early_stopping: bool = False  # looser tolerance and fewer iterations for the probe
+    load_adapter: str | None = field(default=None, metadata={"help": "a saved PEFT adapter folder"})
     save_on_interrupt: bool = False  # checkpoint and stop on SIGUSR1
 
     # Defaults that differ from HF's: keep the custom batch keys; no checkpoints unless asked
@@ -149,7 +171,9 @@ def validate_arguments(args):
         ),
         (args.num_train >= 0, f"--num_train must be >= 0, got {args.num_train}"),
         (
-            args.trainer == "none" or args.train_set_seed is not None or args.num_train_sets is not None,
+            (args.trainer == "none" and not args.linear_probing)
+            or args.train_set_seed is not None
+            or args.num_train_sets is not None,
             "training needs one train set: pass --train_set_seed (or --num_train_sets)",
         ),
         (
@@ -157,6 +181,7 @@ def validate_arguments(args):
             "--num_dev is for training; drop it with --trainer none",
         ),
         (args.max_length > 1, f"--max_length must be > 1, got {args.max_length}"),
+        *mode_checks(args),
         (not (args.load_float16 and args.load_bfloat16), "choose one of --load_float16 and --load_bfloat16"),
         (
             not ((args.fp16 or args.bf16) and args.trainer in ("zo", "LOZO")),
@@ -177,6 +202,37 @@ def validate_arguments(args):
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+
+
+def mode_checks(args):
+    """(ok, message) for the parameter-efficient modes: one mode at a time, sane sizes."""
+    names = ("lora", "prefix_tuning", "head_tuning", "linear_probing")
+    modes = [f"--{name}" for name in names if getattr(args, name)]
+    task = args.task_name.split("__")[0]
+    return [
+        (len(modes) <= 1, f"choose one of {' and '.join(modes)}"),
+        (not (args.load_adapter and modes), f"--load_adapter brings its own adapter; drop {' '.join(modes)}"),
+        (args.lora_r >= 1, f"--lora_r must be >= 1, got {args.lora_r}"),
+        (args.lora_alpha > 0, f"--lora_alpha must be > 0, got {args.lora_alpha}"),
+        (args.num_prefix >= 1, f"--num_prefix must be >= 1, got {args.num_prefix}"),
+        (
+            args.no_reparam or not (args.prefix_tuning and args.prefix_init_by_real_act),
+            "--prefix_init_by_real_act sets the prefixes themselves; add --no_reparam "
+            "(or --prefix_init_by_real_act False)",
+        ),
+        (
+            not (args.linear_probing and args.train_as_classification),
+            "--linear_probing fits the LM head in closed form; drop --train_as_classification",
+        ),
+        (
+            not (args.linear_probing and args.trainer != "none"),
+            f"--linear_probing fits the LM head in closed form; drop --trainer {args.trainer}",
+        ),
+        (
+            not (args.linear_probing and task in ("Copa", "ReCoRD", *GENERATION_TASKS)),
+            f"--linear_probing needs fixed label words; {args.task_name} has per-sample answers",
+        ),
+    ]
 
 
 def result_file_tag(args):
@@ -224,9 +280,9 @@ def load_model(args):
             f"cannot load model {path!r} ({str(error).splitlines()[0]}); give a hub name or a local folder "
             "with config.json (offline model: python utils.py prepare-model smollm2)"
         ) from None
-    if args.untie_emb:
-        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
-        model.config.tie_word_embeddings = False
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    if tied and (args.untie_emb or args.linear_probing):  # the probe rewrites head rows, not embeddings
+        untie_embeddings(model)
     return model
 
 
@@ -250,9 +306,14 @@ class Framework:
     def __init__(self, args, task):
         self.args, self.task = args, task
         self.template = task.get_template()
-        self.model = load_model(args)
-        self.tokenizer = load_tokenizer(args, self.model.config)
+        model = load_model(args)
+        self.tokenizer = load_tokenizer(args, model.config)
+        self.model = apply_tuning_mode(model, args)
         self.device = next(self.model.parameters()).device
+        # peft's prefixes occupy the KV cache, so the shared prompt cannot be cached on top of them.
+        self.can_cache_prompt = not (
+            isinstance(self.model, PeftModel) and self.model.active_peft_config.is_prompt_learning
+        )
 
     # ---- scoring ----
 
@@ -262,7 +323,7 @@ class Framework:
         forward. The prompt they share (demonstrations and input) runs once and is reused from the KV cache:
         in-context learning costs one long forward per sample instead of one per candidate."""
         self.model.eval()
-        prefix = shared_prefix_length(encodings, option_lens)
+        prefix = shared_prefix_length(encodings, option_lens) if self.can_cache_prompt else 0
         batch = DataCollatorWithPaddingAndNesting(self.tokenizer.pad_token_id)(
             [
                 {"input_ids": ids[prefix:], "option_len": n}
@@ -346,6 +407,45 @@ class Framework:
             predictions.append(self.one_step_pred(demos, sample))
         metric = "f1" if self.task.generation else "accuracy"
         return {metric: calculate_metric(predictions, metric)}
+
+    # ---- linear probing ----
+
+    @torch.no_grad()
+    def head_features(self, samples):
+        """(final hidden state where each sample's first option token is predicted, gold index) per sample,
+        and the label words (each candidate's first option token, the same for every sample)."""
+        self.model.eval()
+        features, labels, label_words, multi_token_options = [], [], None, False
+        for sample in samples:
+            encodings, option_lens = self.encode([], sample)
+            words = [ids[-n] for ids, n in zip(encodings, option_lens, strict=True)]
+            if label_words is None:
+                label_words = words
+            if words != label_words or len(set(words)) < len(words):
+                raise UsageError(
+                    "--linear_probing needs distinct label words shared by all samples; "
+                    f"{self.args.task_name} gives {self.tokenizer.convert_ids_to_tokens(words)}"
+                )
+            multi_token_options = multi_token_options or max(option_lens) > 1
+            prompt = torch.tensor([encodings[0][: -option_lens[0]]], device=self.device)
+            last_only = {"logits_to_keep": 1} if accepts_logits_to_keep(self.model) else {}
+            with HeadInputs(self.model) as head_inputs:
+                self.model(input_ids=prompt, **last_only)
+            features.append(head_inputs.captured[0, -1].double().cpu())
+            labels.append(correct_index(sample, first_only=True))
+        if multi_token_options:
+            logger.warning("multi-token options: the probe sets only their first token's LM-head row")
+        return torch.stack(features).numpy(), np.array(labels), label_words
+
+    def linear_probe(self, train_samples):
+        """MeZO's linear probing: fit the classifier on the train samples' features, write it into the LM
+        head rows of the label words. Scoring the candidates then makes the classifier's predictions."""
+        features, labels, label_words = self.head_features(train_samples)
+        weights = fit_linear_probe(
+            features, labels, len(label_words), self.args.lp_early_stopping, seed=self.args.seed
+        )
+        write_head_rows(self.model, label_words, weights)
+        return weights, label_words
 
     # ---- training ----
 
@@ -466,7 +566,8 @@ def run(args):
     for set_id, train_set in enumerate(train_sets):
         set_seed = set_id if args.train_set_seed is None else args.train_set_seed
         eval_samples = task.sample_eval_samples(args.num_eval, seed=set_seed)
-        if args.trainer == "none":
+        output = args.result_file or f"result/{result_file_tag(args)}-trainset{set_id}.json"
+        if args.trainer == "none" and not args.linear_probing:
             metrics = framework.evaluate(train_set, eval_samples)
         else:
             train_samples, dev_samples = tasks.split_train_dev(train_set, args.num_dev)
@@ -478,7 +579,12 @@ def run(args):
             # As MeZO: without dev samples, evaluation during training uses the eval samples.
             if args.resume_from_checkpoint and not os.path.isdir(args.resume_from_checkpoint):
                 raise UsageError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder")
-            framework.train(train_samples, dev_samples or eval_samples)
+            if args.linear_probing:
+                framework.linear_probe(train_samples)
+            else:
+                framework.train(train_samples, dev_samples or eval_samples)
+            if isinstance(framework.model, PeftModel):
+                save_adapter(framework.model, os.path.splitext(output)[0] + "-adapter")
             if args.no_eval:
                 continue
             metrics = framework.evaluate([], eval_samples)
@@ -486,7 +592,6 @@ def run(args):
                 dev = framework.evaluate([], dev_samples, desc="dev")
                 metrics |= {f"dev_{k}": v for k, v in dev.items()}
         logger.info("%s", metrics)
-        output = args.result_file or f"result/{result_file_tag(args)}-trainset{set_id}.json"
         write_metrics_to_file(metrics, output)
     return metrics
 

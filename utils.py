@@ -201,6 +201,8 @@ def target_logits(model, batch, mask, **model_kwargs):
 
 
 def accepts_logits_to_keep(model):
+    if hasattr(model, "get_base_model"):  # peft passes extra arguments through to the base model
+        model = model.get_base_model()
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
