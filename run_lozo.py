@@ -212,6 +212,11 @@ def mode_checks(args):
     return [
         (len(modes) <= 1, f"choose one of {' and '.join(modes)}"),
         (not (args.load_adapter and modes), f"--load_adapter brings its own adapter; drop {' '.join(modes)}"),
+        (
+            not args.load_adapter or os.path.isfile(os.path.join(args.load_adapter, "adapter_config.json")),
+            f"--load_adapter {args.load_adapter}: no adapter_config.json there; give a folder saved with "
+            "--lora or --prefix_tuning",
+        ),
         (args.lora_r >= 1, f"--lora_r must be >= 1, got {args.lora_r}"),
         (args.lora_alpha > 0, f"--lora_alpha must be > 0, got {args.lora_alpha}"),
         (args.num_prefix >= 1, f"--num_prefix must be >= 1, got {args.num_prefix}"),

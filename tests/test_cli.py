@@ -308,6 +308,24 @@ BAD_INPUTS = {
         ["--trainer", "zo", "--train_set_seed", "0", "--fp16"],
         ["--fp16", "--load_float16"],
     ),
+    "lora-with-prefix": (["--lora", "--prefix_tuning"], ["--lora", "--prefix_tuning"]),
+    "lora-r-0": (["--lora", "--lora_r", "0"], ["--lora_r"]),
+    "num-prefix-0": (["--prefix_tuning", "--num_prefix", "0"], ["--num_prefix"]),
+    "probe-as-classification": (
+        ["--linear_probing", "--train_as_classification", "--train_set_seed", "0"],
+        ["--linear_probing", "--train_as_classification"],
+    ),
+    "probe-with-a-trainer": (
+        ["--linear_probing", "--trainer", "zo", "--train_set_seed", "0"],
+        ["--linear_probing", "--trainer zo"],
+    ),
+    "probe-on-copa": (["--linear_probing", "--task_name", "Copa", "--train_set_seed", "0"], ["Copa"]),
+    "adapter-with-lora": (["--lora", "--load_adapter", "{tmp}"], ["--load_adapter", "--lora"]),
+    "adapter-folder-missing": (["--load_adapter", "{tmp}/none"], ["--load_adapter {tmp}/none"]),
+    "real-act-init-with-reparam": (
+        ["--prefix_tuning", "--no_reparam", "False"],
+        ["--prefix_init_by_real_act", "--no_reparam"],
+    ),
     "unreported-best-metric": (
         ["--trainer", "zo", "--train_set_seed", "0", "--metric_for_best_model", "loss"],
         ["--metric_for_best_model", "accuracy"],

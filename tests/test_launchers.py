@@ -5,6 +5,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -78,9 +80,41 @@ def test_icl_sh_defaults_and_passthrough(tiny_opt_dir, data_dir, tmp_path):
     assert 0 <= json.loads(result.read_text())["accuracy"] <= 1
 
 
-def test_unsupported_mode_is_a_one_line_error(tiny_opt_dir, tmp_path):
-    done = launch("lozo.sh", dict(MODEL=tiny_opt_dir, MODE="lora"), tmp_path=tmp_path)
+def test_unknown_mode_is_a_one_line_error(tiny_opt_dir, tmp_path):
+    done = launch("lozo.sh", dict(MODEL=tiny_opt_dir, MODE="adapter"), tmp_path=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "error: MODE=lora is not supported yet; use MODE=ft (full-parameter)"
+        "error: unknown MODE=adapter; use ft (full-parameter), prefix or lora"
     ]
+
+
+# MODE: (flags the run must get, MeZO's zeroth-order lr / eps, finetune.sh's first-order lr)
+MODE_SETTINGS = {
+    "lora": (["lora = True", "prefix_tuning = False"], "5e-5", "1e-2", "1e-4"),
+    "prefix": (
+        ["prefix_tuning = True", "num_prefix = 5", "no_reparam = True", "lora = False"],
+        "1e-3",
+        "1e-1",
+        "1e-2",
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODE_SETTINGS))
+def test_mode_selects_the_parameters_and_mezo_defaults(mode, tiny_opt_dir, data_dir, tmp_path):
+    flags, zo_lr, zo_eps, fo_lr = MODE_SETTINGS[mode]
+    env = dict(
+        MODEL=tiny_opt_dir, MODE=mode, TRAIN=8, EVAL=4, BS=4, STEPS=1, EVAL_STEPS=1, LOZO_DATA_DIR=data_dir
+    )
+    done = launch("mezo.sh", env, "--num_dev", "4", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for setting in [*flags, f"learning_rate = {float(zo_lr)!r}", f"zo_eps = {float(zo_eps)!r}"]:
+        assert setting in done.stderr, setting
+    adapter = (
+        tmp_path / "result" / f"SST2-tiny-opt-sampleeval4-ntrain8-ndev4-mezo-{mode}-1-4-{zo_lr}-{zo_eps}-0"
+    )
+    assert (adapter.parent / f"{adapter.name}-trainset0-adapter" / "adapter_config.json").is_file()
+
+    done = launch("finetune.sh", dict(env, EPOCH=1), "--num_dev", "4", "--no_eval", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"learning_rate = {float(fo_lr)!r}" in done.stderr and flags[0] in done.stderr
