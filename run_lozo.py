@@ -131,6 +131,7 @@ class OurArguments(TrainingArguments):
         if self.num_test is not None:
             self.num_eval = self.num_test if self.num_eval is None else self.num_eval
         validate_arguments(self)
+        warn_ignored_settings(self)
         if self.load_best_model_at_end and self.metric_for_best_model is None:
             self.metric_for_best_model = task_metric(self)
             self.greater_is_better = True
@@ -202,6 +203,16 @@ def validate_arguments(args):
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+
+
+def warn_ignored_settings(args):
+    """LOZO's own settings mean nothing to the other trainers: say so rather than ignore them silently."""
+    lozo_only = {"rank_r": 2, "step_interval": 50, "lozo_optimizer": "sgd", "beta1": 0.9}
+    changed = [f"--{name}" for name, default in lozo_only.items() if getattr(args, name) != default]
+    if changed and args.trainer != "LOZO":
+        logger.warning(
+            "%s only apply to --trainer LOZO; ignored with --trainer %s", ", ".join(changed), args.trainer
+        )
 
 
 def mode_checks(args):

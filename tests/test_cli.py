@@ -518,3 +518,13 @@ def test_int8_without_a_gpu_is_a_one_line_error(cli, capsys, tmp_path, tiny_opt_
     assert cli("--task_name", "SST2", "--model_name", tiny_opt_dir, "--num_eval", 2, "--load_int8") == 2
     check_error_output(capsys.readouterr().err, ["--load_int8"])
     assert result_files(tmp_path / "result") == []
+
+
+def test_lozo_settings_with_another_trainer_are_reported_as_ignored(caplog):
+    with caplog.at_level(logging.WARNING, logger="run_lozo"):
+        run_lozo.parse_args(["--trainer", "zo", "--rank_r", "4", "--train_set_seed", "0"])
+    assert "--rank_r only apply to --trainer LOZO; ignored with --trainer zo" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="run_lozo"):
+        run_lozo.parse_args(["--trainer", "LOZO", "--rank_r", "4", "--train_set_seed", "0"])
+    assert "ignored" not in caplog.text
