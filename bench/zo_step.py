@@ -9,6 +9,8 @@ mode, the unit the ZO methods are measured in (a ZO step needs two). LOZO, LOZO-
 project's own step (LowRankTrainer.zo_training_step + ZOOptimizer.step); the "-released" methods
 re-state the released code's formulation (out-of-place `param.data = param.data + ...`, perturb,
 restore and update as separate passes); FT-AdamW is the stock HF training step with AdamW.
+For the project's ZO methods "weight_passes_s" times the step without its forward passes (draw the
+directions, perturb +ε, perturb −2ε, restore and update): what the method adds to two forwards.
 Peak memory: the highest resident set size sampled during the timed steps (CPU), or
 torch.cuda.max_memory_allocated (GPU).
 """
@@ -218,6 +220,14 @@ def run_worker(opts):
                 trainer.zo_training_step(model, batch)
                 trainer.zo_optimizer.step()
 
+            def weight_passes():  # the step without its two forward passes: what the method itself costs
+                optimizer = trainer.zo_optimizer
+                optimizer.begin_step()
+                optimizer.perturb(+1)
+                optimizer.perturb(-2)
+                optimizer.set_projected_grad(0.0)
+                optimizer.step()
+
     def synchronized():
         if opts.device == "cuda":
             torch.cuda.synchronize()
@@ -232,7 +242,20 @@ def run_worker(opts):
             run_step()
             synchronized()
             times.append(time.perf_counter() - start)
-    print(json.dumps({"step_s": statistics.median(times), "peak_mem_mb": memory.peak}))
+    result = {"step_s": statistics.median(times), "peak_mem_mb": memory.peak}
+    if "weight_passes" in locals():
+        result["weight_passes_s"] = median_time(weight_passes, opts.steps, synchronized)
+    print(json.dumps(result))
+
+
+def median_time(function, repeats, synchronized):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        synchronized()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -262,13 +285,14 @@ def measure(opts, method):
 
 def table(report):
     rows = [
-        "| method | step (s) | × two forwards | peak memory (MB) | × inference |",
-        "|---|---|---|---|---|",
+        "| method | step (s) | × two forwards | weight passes alone (s) | peak memory (MB) | × inference |",
+        "|---|---|---|---|---|---|",
     ]
     for name, m in report["methods"].items():
+        passes = f"{m['weight_passes_s']:.3f}" if "weight_passes_s" in m else "—"
         rows.append(
-            f"| {name} | {m['step_s']:.3f} | {m['ratio_to_two_forwards']:.2f} | {m['peak_mem_mb']:.0f} | "
-            f"{m['mem_ratio_to_inference']:.2f} |"
+            f"| {name} | {m['step_s']:.3f} | {m['ratio_to_two_forwards']:.2f} | {passes} | "
+            f"{m['peak_mem_mb']:.0f} | {m['mem_ratio_to_inference']:.2f} |"
         )
     return "\n".join(rows)
 
