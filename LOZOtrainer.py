@@ -12,12 +12,14 @@ Every tensor has its own random stream seeded from (run seed, step, tensor index
 exactly, in any order and on any device, and is never stored.
 """
 
+import functools
 import logging
 import math
 import signal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
 from metrics import f1
@@ -261,6 +263,11 @@ class LowRankTrainer(Trainer):
         if self.is_zo:
             # A skipped step reports the last finite loss (or NaN before any); HF's filter would log it as 0.
             self.args.logging_nan_inf_filter = False
+            # Data-parallel replicas exchange two losses per step, never gradients: accelerate's evaluation
+            # mode places the model without wrapping it in DistributedDataParallel (no buckets, no broadcast).
+            self.accelerator.prepare_model = functools.partial(
+                self.accelerator.prepare_model, evaluation_mode=True
+            )
         if self.args.save_on_interrupt:
             self.add_callback(SaveOnInterruptCallback())
 
@@ -401,8 +408,14 @@ class LowRankTrainer(Trainer):
         return projected_grad
 
     def reduce_loss_sums(self, sums):
-        """Hook for data-parallel ZO: combine (L+ sum, L- sum, items) over replicas. One process: as is."""
-        return sums
+        """Data-parallel ZO: sum (L+ sum, L- sum, items) over the replicas, each of which measured its share
+        of the global batch. Every rank then forms the g of the whole batch and, from the shared seed, takes
+        the same step: these three float64 numbers are all that crosses the network per step."""
+        if self.args.world_size == 1:
+            return sums
+        reduced = sums.to(self.args.device, copy=True)  # nccl reduces GPU tensors only; gloo takes CPU ones
+        dist.all_reduce(reduced)
+        return reduced.cpu()
 
     def log(self, logs, *args, **kwargs):
         if self.zo_optimizer is not None and "loss" in logs:

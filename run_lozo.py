@@ -109,6 +109,9 @@ class OurArguments(TrainingArguments):
         if self.num_test is not None:
             self.num_eval = self.num_test if self.num_eval is None else self.num_eval
         validate_arguments(self)
+        if world_size() > 1 and not torch.cuda.is_available():
+            # Else accelerate ignores torchrun's processes on a CPU-only machine: each would train alone.
+            self.use_cpu = True
         if self.load_best_model_at_end and self.metric_for_best_model is None:
             self.metric_for_best_model = task_metric(self)
             self.greater_is_better = True
@@ -116,6 +119,11 @@ class OurArguments(TrainingArguments):
 
 
 GENERATION_TASKS = ("SQuAD", "DROP")
+
+
+def world_size():
+    """Processes started together by torchrun (1 for a plain `python run_lozo.py`)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def task_metric(args):
@@ -164,9 +172,13 @@ def validate_arguments(args):
             "or --load_bfloat16 for zeroth-order training",
         ),
         (
-            int(os.environ.get("WORLD_SIZE", "1")) == 1 or args.trainer not in ("zo", "LOZO"),
-            "data-parallel zeroth-order training (several processes) is not supported yet; run one process "
-            "(a model too big for one GPU is split over all visible GPUs automatically)",
+            not (args.fsdp and args.trainer in ("zo", "LOZO")),
+            "--fsdp shards gradients and optimizer state, which zeroth-order training has none of; drop it "
+            "(under torchrun ZO runs data-parallel with one full replica per process)",
+        ),
+        (
+            not (args.fsdp and not torch.cuda.is_available()),
+            "--fsdp needs GPUs: accelerate runs FSDP on accelerators only (on CPU it would silently use DDP)",
         ),
         (
             args.metric_for_best_model in (None, task_metric(args), f"eval_{task_metric(args)}"),
@@ -215,7 +227,10 @@ def load_model(args):
         except ImportError:
             raise UsageError("--load_int8 needs bitsandbytes: pip install bitsandbytes") from None
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    if torch.cuda.is_available() and not args.no_auto_device:
+    if world_size() > 1:
+        if not args.fsdp:  # a full replica per process, on its own device; FSDP shards the CPU copy itself
+            kwargs["device_map"] = {"": args.device}
+    elif torch.cuda.is_available() and not args.no_auto_device:
         kwargs["device_map"] = "auto"  # MeZO's multi-GPU mode: shard layers over the visible GPUs
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -340,12 +355,27 @@ class Framework:
         return Prediction(correct_index(sample), int(np.argmax(scores)))
 
     def evaluate(self, train_samples, eval_samples, one_train_set_per_eval_sample=False, desc="eval"):
+        rank, shards = self.eval_shard()
         predictions = []
-        for i, sample in enumerate(tqdm(eval_samples, desc=desc, disable=not eval_samples)):
+        indices = range(rank, len(eval_samples), shards)
+        for i in tqdm(indices, desc=desc, disable=not eval_samples or rank > 0):
             demos = train_samples[i] if one_train_set_per_eval_sample else train_samples
-            predictions.append(self.one_step_pred(demos, sample))
+            predictions.append(self.one_step_pred(demos, eval_samples[i]))
+        if shards > 1:
+            parts = [None] * shards
+            torch.distributed.all_gather_object(parts, predictions)
+            predictions = [parts[i % shards][i // shards] for i in range(len(eval_samples))]
         metric = "f1" if self.task.generation else "accuracy"
         return {metric: calculate_metric(predictions, metric)}
+
+    def eval_shard(self):
+        """(this process's shard, number of shards) of evaluation. Several processes each predict every
+        n-th sample and gather the predictions: all ranks get the metric (model selection must agree on
+        it) for 1/n of the work. FSDP ranks evaluate everything in lockstep: every forward is collective."""
+        args = self.args
+        if args.world_size == 1 or args.fsdp:
+            return 0, 1
+        return args.process_index, args.world_size
 
     # ---- training ----
 
@@ -390,10 +420,11 @@ class Framework:
         except ValueError as error:  # conflicting HF training arguments
             raise UsageError(str(error).strip().splitlines()[0]) from None
         trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-        trainer.save_state()  # trainer_state.json: the loss and eval history, for plots
+        trainer.save_state()  # trainer_state.json: the loss and eval history, for plots (rank 0 writes)
         if args.save_model:
             trainer.save_model()
         self.model = trainer.model
+        self.device = next(self.model.parameters()).device  # FSDP moved the CPU-loaded model to the GPU
         return trainer
 
 
@@ -460,7 +491,7 @@ def run(args):
         metrics = framework.evaluate(train_sets, eval_samples, one_train_set_per_eval_sample=True)
         output = args.result_file or f"result/{result_file_tag(args)}-onetrainpereval.json"
         logger.info("%s", metrics)
-        write_metrics_to_file(metrics, output)
+        write_results(args, metrics, output)
         return metrics
     metrics = None
     for set_id, train_set in enumerate(train_sets):
@@ -487,8 +518,13 @@ def run(args):
                 metrics |= {f"dev_{k}": v for k, v in dev.items()}
         logger.info("%s", metrics)
         output = args.result_file or f"result/{result_file_tag(args)}-trainset{set_id}.json"
-        write_metrics_to_file(metrics, output)
+        write_results(args, metrics, output)
     return metrics
+
+
+def write_results(args, metrics, output):
+    if args.process_index == 0:  # under torchrun every rank holds the same metrics: one writes them
+        write_metrics_to_file(metrics, output)
 
 
 def main(argv=None):
