@@ -240,10 +240,19 @@ class SaveOnInterruptCallback(TrainerCallback):
         self.interrupted = True
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.interrupted:
+        if self.interrupted_anywhere(args):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+    def interrupted_anywhere(self, args):
+        """Under torchrun the signal may reach some ranks only; all must stop after the same step (else the
+        others wait forever in the next all-reduce): one more number per step, with --save_on_interrupt."""
+        if args.world_size == 1:
+            return self.interrupted
+        flag = torch.tensor([float(self.interrupted)], device=args.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 class LowRankTrainer(Trainer):

@@ -3,15 +3,16 @@ crosses the process group and each rank's trained weights.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py OUT RUNS.json
 
-runs each {name: [run_lozo arguments]} of RUNS.json in turn (one launch, several runs: starting processes is
-the slow part) and writes OUT/<name>/rank<r>.pt (weights) and OUT/<name>/rank<r>.json (the collectives
-called, by phase; how the trainer held the model). Imported by the tests, `train_and_record` runs the same
-path in one process.
+runs each {name: {"argv": [run_lozo arguments], "interrupt_rank": r (optional)}} of RUNS.json in turn (one
+launch, several runs: starting processes is the slow part) and writes OUT/<name>/rank<r>.pt (weights) and
+OUT/<name>/rank<r>.json (the collectives called, by phase; how the trainer held the model; what this rank
+predicted and wrote). Imported by the tests, `train_and_record` runs the same path in one process.
 """
 
 import functools
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -97,6 +98,17 @@ def install_recording():
                 setattr(module, name, wrap(name, getattr(module, name)))
 
 
+class InterruptOneRank(TrainerCallback):
+    """Sends SIGUSR1 to this process at the start of step 1 if it is rank `rank`, and to no other."""
+
+    def __init__(self, rank):
+        self.rank = rank
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == 1 and args.process_index == self.rank:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
 def counting(counts, key, function):
     def counted(*args, **kwargs):
         counts[key] = counts.get(key, 0) + 1
@@ -105,7 +117,7 @@ def counting(counts, key, function):
     return counted
 
 
-def train_and_record(argv, out):
+def train_and_record(argv, out, interrupt_rank=None):
     """`run_lozo.main(argv)`, keeping the trainer: writes the weights and the record under `out`.
     Also counts the samples this rank predicted and the result files it wrote, and keeps the predictions
     that metrics were computed from."""
@@ -129,6 +141,8 @@ def train_and_record(argv, out):
         def init(trainer, *args, **kwargs):
             original_init(trainer, *args, **kwargs)
             trainer.add_callback(recorder)
+            if interrupt_rank is not None:
+                trainer.add_callback(InterruptOneRank(interrupt_rank))
 
         run_lozo.LowRankTrainer.__init__ = init
         try:
@@ -152,6 +166,7 @@ def train_and_record(argv, out):
         torch.save({n: p.detach().cpu() for n, p in trainer.model.named_parameters()}, out / f"rank{rank}.pt")
         record["model_wrapped"] = type(trainer.model_wrapped).__name__
         record["world_size"] = trainer.args.world_size
+        record["global_step"] = trainer.state.global_step
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     return record
 
@@ -159,5 +174,5 @@ def train_and_record(argv, out):
 if __name__ == "__main__":
     out, runs = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
     install_recording()
-    for name, argv in runs.items():
-        train_and_record(argv, out / name)
+    for name, run in runs.items():
+        train_and_record(run["argv"], out / name, run.get("interrupt_rank"))

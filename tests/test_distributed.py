@@ -52,20 +52,26 @@ def zero_shot_args(model, out, data_dir):
 @pytest.fixture(scope="module")
 def two_processes(tiny_opt_dir, data_dir, tmp_path_factory):
     """One torchrun launch, 2 processes × 4 samples per step, every scenario in turn: LOZO and MeZO on the
-    tiny OPT, LOZO on a 4× wider OPT (does the traffic grow with the model?), zero-shot evaluation."""
+    tiny OPT, LOZO on a 4× wider OPT (does the traffic grow with the model?), zero-shot evaluation, LOZO
+    with SIGUSR1 sent to rank 1 only."""
     out = tmp_path_factory.mktemp("two-processes")
     wider = save_tiny_opt(out / "wider-opt", hidden_size=64, word_embed_proj_dim=64, ffn_dim=256)
     runs = {
-        "LOZO": zo_args(tiny_opt_dir, out / "LOZO", "LOZO", 4, data_dir),
-        "zo": zo_args(tiny_opt_dir, out / "zo", "zo", 4, data_dir),
-        "LOZO-wider": zo_args(wider, out / "LOZO-wider", "LOZO", 4, data_dir),
-        "zero-shot": zero_shot_args(tiny_opt_dir, out / "zero-shot", data_dir),
+        "LOZO": {"argv": zo_args(tiny_opt_dir, out / "LOZO", "LOZO", 4, data_dir)},
+        "zo": {"argv": zo_args(tiny_opt_dir, out / "zo", "zo", 4, data_dir)},
+        "LOZO-wider": {"argv": zo_args(wider, out / "LOZO-wider", "LOZO", 4, data_dir)},
+        "zero-shot": {"argv": zero_shot_args(tiny_opt_dir, out / "zero-shot", data_dir)},
+        "interrupt": {
+            "argv": [*zo_args(tiny_opt_dir, out / "interrupt", "LOZO", 4, data_dir), "--save_on_interrupt"],
+            "interrupt_rank": 1,
+        },
     }
     (out / "runs.json").write_text(json.dumps(runs))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     command += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER), str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    done = subprocess.run([*command, str(out / "runs.json")], env=env, capture_output=True, text=True)
+    run = [*command, str(out / "runs.json")]
+    done = subprocess.run(run, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     return out
 
@@ -128,6 +134,12 @@ def test_rank_zero_alone_writes_results_and_checkpoints(two_processes):
         trained = torch.load(two_processes / name / "rank0.pt")
         for key, weight in saved.items():
             assert torch.equal(weight, trained[key]), key
+
+
+def test_sigusr1_on_one_rank_stops_every_rank_after_the_same_step(two_processes):
+    """Without agreement, rank 0 would wait forever in step 2's all-reduce (and the test would time out)."""
+    assert [record(two_processes / "interrupt", rank)["global_step"] for rank in (0, 1)] == [2, 2]
+    assert (two_processes / "interrupt" / "checkpoint-2" / "model.safetensors").is_file()
 
 
 def test_evaluation_is_sharded_and_gathered_in_sample_order(two_processes, tiny_opt_dir, data_dir, tmp_path):
