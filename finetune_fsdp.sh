@@ -13,7 +13,11 @@ LR=${LR:-1e-5}
 EPOCH=${EPOCH:-5}
 PRECISION=${PRECISION-} # first-order training keeps float32 weights unless asked
 source ./launch_common.sh
-TAG=${TAG:-ft-fsdp-$MODE-$EPOCH-$BS-$LR-$SEED}
+TAG=${TAG:-fsdp-$MODE-$EPOCH-$BS-$LR-$SEED}
+if [ "$MODE" != ft ]; then # the FSDP options below shard full-parameter training only
+    echo "error: finetune_fsdp.sh trains all parameters; use MODE=ft" >&2
+    exit 2
+fi
 if [ "$NUM_GPU" -lt 2 ]; then
     echo "error: FSDP shards over several processes; set NUM_GPU to 2 or more (or use finetune.sh)" >&2
     exit 2

@@ -200,10 +200,12 @@ def test_finetune_fsdp_sh_shards_each_decoder_layer(tiny_opt_dir, tiny_llama_dir
         assert [cls.__name__ for cls in plugin.auto_wrap_policy.keywords["transformer_layer_cls"]] == [layer]
 
 
-def test_finetune_fsdp_sh_needs_two_processes(tmp_path):
-    done = dry_run("finetune_fsdp.sh", dict(NUM_GPU=1), tmp_path=tmp_path)
-    assert done.returncode == 2 and done.stdout == ""
+def test_finetune_fsdp_sh_needs_two_processes_and_full_parameters(tmp_path):
+    done = dry_run("finetune_fsdp.sh", dict(NUM_GPU=1), tmp_path=tmp_path / "one")
+    assert done.returncode == 2 and done.stdout == ""  # torchrun never started
     assert done.stderr.strip().startswith("error: FSDP shards over several processes")
+    done = dry_run("finetune_fsdp.sh", dict(NUM_GPU=2, MODE="lora"), tmp_path=tmp_path / "lora")
+    assert done.returncode == 2 and done.stdout == "" and done.stderr.startswith("error: ")
 
 
 @pytest.mark.parametrize(
