@@ -272,17 +272,21 @@ class LowRankTrainer(Trainer):
         if self.is_zo:
             # A skipped step reports the last finite loss (or NaN before any); HF's filter would log it as 0.
             self.args.logging_nan_inf_filter = False
-            # Data-parallel replicas exchange two losses per step, never gradients: accelerate's evaluation
-            # mode places the model without wrapping it in DistributedDataParallel (no buckets, no broadcast).
-            self.accelerator.prepare_model = functools.partial(
-                self.accelerator.prepare_model, evaluation_mode=True
-            )
         if self.args.save_on_interrupt:
             self.add_callback(SaveOnInterruptCallback())
 
     @property
     def is_zo(self):
         return self.args.trainer in ("zo", "LOZO")
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if self.is_zo:
+            # Data-parallel replicas exchange two losses per step, never gradients: accelerate's evaluation
+            # mode places the model without wrapping it in DistributedDataParallel (no buckets, no broadcast).
+            self.accelerator.prepare_model = functools.partial(
+                self.accelerator.prepare_model, evaluation_mode=True
+            )
 
     # ---- optimizer ----
 
