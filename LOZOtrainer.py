@@ -9,7 +9,9 @@ Directions, per trainable tensor W at optimisation step t:
   LOZO, 2-D W (m×n):  Z = U Vᵀ, U ~ N(0,1)^{m×r} fresh each step, V ~ N(0,1)^{n×r} redrawn at t = 0, ν, 2ν, …
   otherwise (MeZO, and 1-D tensors under LOZO): dense z ~ N(0,1) of W's shape.
 Every tensor has its own random stream seeded from (run seed, step, tensor index), so Z can be regenerated
-exactly, in any order and on any device, and is never stored.
+exactly, in any order and on any device, and is never stored. That is also what makes data-parallel ZO
+cheap: replicas started by torchrun draw the same Z, so they need to sum only their loss sums and counts
+(`LowRankTrainer.reduce_loss_sums`) to take the same step.
 """
 
 import functools
