@@ -9,15 +9,19 @@ Directions, per trainable tensor W at optimisation step t:
   LOZO, 2-D W (m×n):  Z = U Vᵀ, U ~ N(0,1)^{m×r} fresh each step, V ~ N(0,1)^{n×r} redrawn at t = 0, ν, 2ν, …
   otherwise (MeZO, and 1-D tensors under LOZO): dense z ~ N(0,1) of W's shape.
 Every tensor has its own random stream seeded from (run seed, step, tensor index), so Z can be regenerated
-exactly, in any order and on any device, and is never stored.
+exactly, in any order and on any device, and is never stored. That is also what makes data-parallel ZO
+cheap: replicas started by torchrun draw the same Z, so they need to sum only their loss sums and counts
+(`LowRankTrainer.reduce_loss_sums`) to take the same step.
 """
 
+import functools
 import logging
 import math
 import signal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
 from metrics import f1
@@ -238,10 +242,19 @@ class SaveOnInterruptCallback(TrainerCallback):
         self.interrupted = True
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.interrupted:
+        if self.interrupted_anywhere(args):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+    def interrupted_anywhere(self, args):
+        """Under torchrun the signal may reach some ranks only; all must stop after the same step (else the
+        others wait forever in the next all-reduce): one more number per step, with --save_on_interrupt."""
+        if args.world_size == 1:
+            return self.interrupted
+        flag = torch.tensor([float(self.interrupted)], device=args.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 class LowRankTrainer(Trainer):
@@ -267,6 +280,15 @@ class LowRankTrainer(Trainer):
     @property
     def is_zo(self):
         return self.args.trainer in ("zo", "LOZO")
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if self.is_zo:
+            # Data-parallel replicas exchange two losses per step, never gradients: accelerate's evaluation
+            # mode places the model without wrapping it in DistributedDataParallel (no buckets, no broadcast).
+            self.accelerator.prepare_model = functools.partial(
+                self.accelerator.prepare_model, evaluation_mode=True
+            )
 
     # ---- optimizer ----
 
@@ -401,8 +423,14 @@ class LowRankTrainer(Trainer):
         return projected_grad
 
     def reduce_loss_sums(self, sums):
-        """Hook for data-parallel ZO: combine (L+ sum, L- sum, items) over replicas. One process: as is."""
-        return sums
+        """Data-parallel ZO: sum (L+ sum, L- sum, items) over the replicas, each of which measured its share
+        of the global batch. Every rank then forms the g of the whole batch and, from the shared seed, takes
+        the same step: these three float64 numbers are all that crosses the network per step."""
+        if self.args.world_size == 1:
+            return sums
+        reduced = sums.to(self.args.device, copy=True)  # nccl reduces GPU tensors only; gloo takes CPU ones
+        dist.all_reduce(reduced)
+        return reduced.cpu()
 
     def log(self, logs, *args, **kwargs):
         if self.zo_optimizer is not None and "loss" in logs:

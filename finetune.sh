@@ -17,7 +17,7 @@ PRECISION=${PRECISION-} # first-order training keeps float32 weights unless aske
 source ./launch_common.sh
 TAG=${TAG:-ft-$MODE-$EPOCH-$BS-$LR-$SEED}
 
-python run_lozo.py \
+"${LAUNCHER[@]}" run_lozo.py \
     --model_name "$MODEL" --task_name "$TASK" \
     --output_dir "result/$TASK-$MODEL_NAME-$TAG" --tag "$TAG" \
     --train_set_seed "$SEED" --num_train "$TRAIN" --num_dev "$DEV" --num_eval "$EVAL" \

@@ -45,8 +45,14 @@ case $TASK in
     *) TASK_ARGS=(--train_as_classification) ;;
 esac
 
+# NUM_GPU > 1: one process per GPU through torchrun (data-parallel ZO; DDP for finetune.sh).
+# TORCHRUN_ARGS adds torchrun options, e.g. the rendezvous of a multi-node run.
+NUM_GPU=${NUM_GPU:-1}
+TORCHRUN=(torchrun --nproc_per_node "$NUM_GPU" ${TORCHRUN_ARGS:-})
+if [ "$NUM_GPU" -gt 1 ]; then LAUNCHER=("${TORCHRUN[@]}"); else LAUNCHER=(python); fi
+
 zo_launch() {
-    python run_lozo.py \
+    "${LAUNCHER[@]}" run_lozo.py \
         --model_name "$MODEL" --task_name "$TASK" \
         --output_dir "result/$TASK-$MODEL_NAME-$TAG" --tag "$TAG" \
         --train_set_seed "$SEED" --num_train "$TRAIN" --num_dev "$DEV" --num_eval "$EVAL" \

@@ -132,6 +132,9 @@ class OurArguments(TrainingArguments):
             self.num_eval = self.num_test if self.num_eval is None else self.num_eval
         validate_arguments(self)
         warn_ignored_settings(self)
+        if world_size() > 1 and not torch.cuda.is_available():
+            # Else accelerate ignores torchrun's processes on a CPU-only machine: each would train alone.
+            self.use_cpu = True
         if self.load_best_model_at_end and self.metric_for_best_model is None:
             self.metric_for_best_model = task_metric(self)
             self.greater_is_better = True
@@ -139,6 +142,11 @@ class OurArguments(TrainingArguments):
 
 
 GENERATION_TASKS = ("SQuAD", "DROP")
+
+
+def world_size():
+    """Processes started together by torchrun (1 for a plain `python run_lozo.py`)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def task_metric(args):
@@ -190,9 +198,13 @@ def validate_arguments(args):
             "or --load_bfloat16 for zeroth-order training",
         ),
         (
-            int(os.environ.get("WORLD_SIZE", "1")) == 1 or args.trainer not in ("zo", "LOZO"),
-            "data-parallel zeroth-order training (several processes) is not supported yet; run one process "
-            "(a model too big for one GPU is split over all visible GPUs automatically)",
+            not (args.fsdp and args.trainer in ("zo", "LOZO")),
+            "--fsdp shards gradients and optimizer state, which zeroth-order training has none of; drop it "
+            "(under torchrun ZO runs data-parallel with one full replica per process)",
+        ),
+        (
+            not (args.fsdp and not torch.cuda.is_available()),
+            "--fsdp needs GPUs: accelerate runs FSDP on accelerators only (on CPU it would silently use DDP)",
         ),
         (
             args.metric_for_best_model in (None, task_metric(args), f"eval_{task_metric(args)}"),
@@ -287,7 +299,10 @@ def load_model(args):
         except ImportError:
             raise UsageError("--load_int8 needs bitsandbytes: pip install bitsandbytes") from None
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    if torch.cuda.is_available() and not args.no_auto_device:
+    if world_size() > 1:
+        if not args.fsdp:  # a full replica per process, on its own device; FSDP shards the CPU copy itself
+            kwargs["device_map"] = {"": args.device}
+    elif torch.cuda.is_available() and not args.no_auto_device:
         kwargs["device_map"] = "auto"  # MeZO's multi-GPU mode: shard layers over the visible GPUs
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -417,10 +432,16 @@ class Framework:
         return Prediction(correct_index(sample), int(np.argmax(scores)))
 
     def evaluate(self, train_samples, eval_samples, one_train_set_per_eval_sample=False, desc="eval"):
+        rank, shards = self.eval_shard()
         predictions = []
-        for i, sample in enumerate(tqdm(eval_samples, desc=desc, disable=not eval_samples)):
+        indices = range(rank, len(eval_samples), shards)
+        for i in tqdm(indices, desc=desc, disable=not eval_samples or rank > 0):
             demos = train_samples[i] if one_train_set_per_eval_sample else train_samples
-            predictions.append(self.one_step_pred(demos, sample))
+            predictions.append(self.one_step_pred(demos, eval_samples[i]))
+        if shards > 1:
+            parts = [None] * shards
+            torch.distributed.all_gather_object(parts, predictions)
+            predictions = [parts[i % shards][i // shards] for i in range(len(eval_samples))]
         metric = "f1" if self.task.generation else "accuracy"
         return {metric: calculate_metric(predictions, metric)}
 
@@ -462,6 +483,15 @@ class Framework:
         )
         write_head_rows(self.model, label_words, weights)
         return weights, label_words
+
+    def eval_shard(self):
+        """(this process's shard, number of shards) of evaluation. Several processes each predict every
+        n-th sample and gather the predictions: all ranks get the metric (model selection must agree on
+        it) for 1/n of the work. FSDP ranks evaluate everything in lockstep: every forward is collective."""
+        args = self.args
+        if args.world_size == 1 or args.fsdp:
+            return 0, 1
+        return args.process_index, args.world_size
 
     # ---- training ----
 
@@ -506,10 +536,11 @@ class Framework:
         except ValueError as error:  # conflicting HF training arguments
             raise UsageError(str(error).strip().splitlines()[0]) from None
         trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-        trainer.save_state()  # trainer_state.json: the loss and eval history, for plots
+        trainer.save_state()  # trainer_state.json: the loss and eval history, for plots (rank 0 writes)
         if args.save_model:
             trainer.save_model()
         self.model = trainer.model
+        self.device = next(self.model.parameters()).device  # FSDP moved the CPU-loaded model to the GPU
         return trainer
 
 
@@ -576,7 +607,7 @@ def run(args):
         metrics = framework.evaluate(train_sets, eval_samples, one_train_set_per_eval_sample=True)
         output = args.result_file or f"result/{result_file_tag(args)}-onetrainpereval.json"
         logger.info("%s", metrics)
-        write_metrics_to_file(metrics, output)
+        write_results(args, metrics, output)
         return metrics
     metrics = None
     for set_id, train_set in enumerate(train_sets):
@@ -599,7 +630,7 @@ def run(args):
                 framework.linear_probe(train_samples)
             else:
                 framework.train(train_samples, dev_samples or eval_samples)
-            if isinstance(framework.model, PeftModel):
+            if isinstance(framework.model, PeftModel) and args.process_index == 0:  # replicas are identical
                 save_adapter(framework.model, os.path.splitext(output)[0] + "-adapter")
             if args.no_eval:
                 continue
@@ -608,8 +639,13 @@ def run(args):
                 dev = framework.evaluate([], dev_samples, desc="dev")
                 metrics |= {f"dev_{k}": v for k, v in dev.items()}
         logger.info("%s", metrics)
-        write_metrics_to_file(metrics, output)
+        write_results(args, metrics, output)
     return metrics
+
+
+def write_results(args, metrics, output):
+    if args.process_index == 0:  # under torchrun every rank holds the same metrics: one writes them
+        write_metrics_to_file(metrics, output)
 
 
 def main(argv=None):
