@@ -338,7 +338,8 @@ class LowRankTrainer(Trainer):
         """--non_diff: minus the F1 of greedy answers (SQuAD-style), a loss only ZO methods can use."""
         args, tokenizer = self.args, self.processing_class
         newline = tokenizer.encode(args.eos_token, add_special_tokens=False)[-1]
-        output = model.generate(
+        # With several GPUs in one process HF wraps the model in DataParallel, which has no generate().
+        output = self.accelerator.unwrap_model(model).generate(
             input_ids=inputs["input_ids"],
             attention_mask=inputs["attention_mask"],
             do_sample=False,
