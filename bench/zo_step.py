@@ -9,8 +9,11 @@ mode, the unit the ZO methods are measured in (a ZO step needs two). LOZO, LOZO-
 project's own step (LowRankTrainer.zo_training_step + ZOOptimizer.step); the "-released" methods
 re-state the released code's formulation (out-of-place `param.data = param.data + ...`, perturb,
 restore and update as separate passes); FT-AdamW is the stock HF training step with AdamW.
-For the project's ZO methods "weight_passes_s" times the step without its forward passes (draw the
-directions, perturb +ε, perturb −2ε, restore and update): what the method adds to two forwards.
+Every timed step is followed by one timed forward pass in the same process ("forward_s" of the method):
+the ratio to two forwards divides by that, so a shared machine's load, which slows both, cancels out;
+the top-level "forward_s" is the fresh "forward" process's own. For the project's ZO methods
+"weight_passes_s" times the step without its forward passes (draw the directions, perturb +ε,
+perturb −2ε, restore and update): what the method adds to two forwards.
 Peak memory: the highest resident set size sampled during the timed steps (CPU), or
 torch.cuda.max_memory_allocated (GPU).
 """
@@ -235,27 +238,36 @@ def run_worker(opts):
     for _ in range(opts.warmup):
         run_step()
     synchronized()
-    times = []
-    with PeakMemory(opts.device) as memory:
+
+    def reference_forward():  # the unit, measured beside the step: a busy shared machine slows both alike
+        training = model.training
+        model.eval()
+        with torch.inference_mode():
+            loss()
+        model.train(training)
+
+    step_times, forward_times = [], []
+    with PeakMemory(opts.device) as memory:  # a forward's peak never exceeds a training step's
         for _ in range(opts.steps):
-            start = time.perf_counter()
-            run_step()
-            synchronized()
-            times.append(time.perf_counter() - start)
-    result = {"step_s": statistics.median(times), "peak_mem_mb": memory.peak}
+            step_times.append(timed(run_step, synchronized))
+            forward_times.append(timed(reference_forward, synchronized))
+    result = {
+        "step_s": statistics.median(step_times),
+        "forward_s": statistics.median(forward_times),
+        "peak_mem_mb": memory.peak,
+    }
     if "weight_passes" in locals():
-        result["weight_passes_s"] = median_time(weight_passes, opts.steps, synchronized)
+        result["weight_passes_s"] = statistics.median(
+            timed(weight_passes, synchronized) for _ in range(opts.steps)
+        )
     print(json.dumps(result))
 
 
-def median_time(function, repeats, synchronized):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        synchronized()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def timed(function, synchronized):
+    start = time.perf_counter()
+    function()
+    synchronized()
+    return time.perf_counter() - start
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -363,7 +375,7 @@ def main():
         "methods": {
             method: m
             | {
-                "ratio_to_two_forwards": m["step_s"] / (2 * forward["step_s"]),
+                "ratio_to_two_forwards": m["step_s"] / (2 * m["forward_s"]),
                 "mem_ratio_to_inference": m["peak_mem_mb"] / forward["peak_mem_mb"],
             }
             for method, m in measured.items()

@@ -37,8 +37,9 @@ def test_zo_step_benchmark_reports_each_method(tiny_opt_dir, data_dir, tmp_path)
         assert key in report
     for name, method in report["methods"].items():
         assert method["step_s"] > 0 and method["peak_mem_mb"] > 0, name
-        assert method["ratio_to_two_forwards"] == method["step_s"] / (2 * report["forward_s"])
+        assert method["ratio_to_two_forwards"] == method["step_s"] / (2 * method["forward_s"])
     assert report["methods"]["forward"]["mem_ratio_to_inference"] == 1.0
+    assert report["forward_s"] == report["methods"]["forward"]["step_s"]
     # The project's own ZO steps also report the cost of their weight passes alone (the profile of a step).
     with_passes = {name for name, method in report["methods"].items() if "weight_passes_s" in method}
     assert with_passes == {"LOZO-r4", "MeZO"}
