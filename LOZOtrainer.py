@@ -15,6 +15,7 @@ cheap: replicas started by torchrun draw the same Z, so they need to sum only th
 """
 
 import functools
+import itertools
 import logging
 import math
 import signal
@@ -59,8 +60,11 @@ class ZOOptimizer(torch.optim.Optimizer):
     """Zeroth-order SGD along random directions (MeZO), low-rank directions (LOZO) and LOZO's momentum.
 
     Protocol for one optimisation step (what `LowRankTrainer.training_step` does):
-        begin_step(); perturb(+1); L+ = loss; perturb(-2); L- = loss; set_projected_grad((L+ - L-) / 2ε)
+        begin_step(); move_to(+1); L+ = loss; move_to(-1); L- = loss; set_projected_grad((L+ - L-) / 2ε)
         step()  # from θ - εZ: restore and update, one pass over each weight
+    With `lookahead`, step() also moves on to θ' + εZ' of the next step in that same pass, so the next
+    move_to(+1) is free: two passes over the weights per step instead of three. settle() returns to θ'
+    wherever the weights are read (evaluation, checkpoints, the end of training).
     """
 
     def __init__(
@@ -74,9 +78,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         step_interval=50,
         momentum=None,
         weight_decay=0.0,
+        lookahead=False,
     ):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
-        self.eps, self.seed, self.low_rank = eps, seed, low_rank
+        self.eps, self.seed, self.low_rank, self.lookahead = eps, seed, low_rank, lookahead
         self.rank, self.step_interval, self.beta = rank, step_interval, momentum
         self.tensors = [(i, p) for i, p in enumerate(p for g in self.param_groups for p in g["params"])]
         self.index = {id(p): i for i, p in self.tensors}
@@ -87,6 +92,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.V_previous = {}  # during a step that redrew V: the V it replaced (LOZO-M carries momentum over)
         self.momentum = {}  # tensor index -> N (m×r) for low-rank tensors, dense momentum otherwise (float32)
         self._begun = None  # the step begin_step() last prepared (it must not redraw V twice)
+        self.position = 0  # the weights are at θ + position·εZ of the current step
 
     def settings(self):
         """What a checkpoint must agree on to resume this run."""
@@ -111,6 +117,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if not self.low_rank or self.zo_step % self.step_interval:
             return
         period = self.zo_step // self.step_interval
+        self.V = dict(self.V)  # a new dict: a step in progress keeps its own V (see step())
         for i, p in self.tensors:
             if self.is_low_rank(p):
                 if i in self.V:
@@ -122,8 +129,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _seed(self, i):
         return stream_seed(self.seed, U_STREAM, self.zo_step, i)
 
-    def _U(self, i, p):
-        return gaussian((p.shape[0], self.rank), self._seed(i), p.device)
+    def _U(self, i, p, seed=None):
+        return gaussian((p.shape[0], self.rank), self._seed(i) if seed is None else seed, p.device)
 
     @torch.no_grad()
     def perturb(self, scale):
@@ -135,70 +142,91 @@ class ZOOptimizer(torch.optim.Optimizer):
             else:
                 for part, z in dense_noise(p, self._seed(i)):
                     part.add_(z, alpha=alpha)
+        self.position += scale
+
+    def move_to(self, position):
+        """Put the weights at θ + position·εZ of this step (nothing to do if they are there already)."""
+        if position != self.position:
+            self.perturb(position - self.position)
+
+    def settle(self):
+        """Weights back at θ: undo a look-ahead perturbation before anything reads them."""
+        self.move_to(0)
 
     def set_projected_grad(self, projected_grad):
         self.projected_grad = projected_grad
 
     @torch.no_grad()
     def step(self, closure=None):
-        """From θ − εZ, restore θ and apply W ← W − η(g·Z + λW) (LOZO-M: W − η(N·Vᵀ + λW)) in one pass."""
+        """From θ + position·εZ (θ − εZ after the two losses) restore θ and apply W ← W − η(g·Z + λW)
+        (LOZO-M: W − η(N·Vᵀ + λW)), and with look-ahead add the next step's εZ', in one pass."""
         g = self.projected_grad
         if g is None:
             raise RuntimeError("ZOOptimizer.step() needs set_projected_grad() first")
         finite = math.isfinite(g)
         if not finite:
             self.skipped += 1
+        restore = -self.position
+        this_V, carried_V = self.V, self.V_previous  # this step's V, and on a redraw step the one it replaced
+        seeds = {i: self._seed(i) for i, _ in self.tensors}
+        self.zo_step += 1
+        self.projected_grad = None
+        self.V_previous = {}
+        if self.lookahead:
+            self.begin_step()  # the next step's Z: may redraw V (into a new dict; this step keeps this_V)
         # The groups are read now: the lr scheduler (and load_state_dict) replace their values.
         for group in self.param_groups:
             lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
-            if not finite:  # only undo the −εZ perturbation
+            if not finite:  # only undo the perturbation
                 lr, decay, g = 0.0, 1.0, 0.0
             for p in group["params"]:
                 i = self.index[id(p)]
                 if self.is_low_rank(p):
-                    self._step_low_rank(i, p, g, lr, decay, finite)
+                    U = self._U(i, p, seeds[i])
+                    self._step_low_rank(i, p, U, this_V[i], carried_V.get(i), g, lr, decay, restore, finite)
                 else:
-                    self._step_dense(i, p, g, lr, decay, finite)
-        self.zo_step += 1
-        self.projected_grad = None
-        self.V_previous = {}
+                    self._step_dense(i, p, seeds[i], g, lr, decay, restore, finite)
+        self.position = 1 if self.lookahead else 0
 
-    def _step_low_rank(self, i, p, g, lr, decay, finite):
-        U, Vt = self._U(i, p), self.V[i].T
+    def _step_low_rank(self, i, p, U, V, V_replaced, g, lr, decay, restore, finite):
+        """W ← decay·(W + restore·εUVᵀ) − η(gU or N)Vᵀ [+ εU'V'ᵀ]: one addmm_, rank r (2r with look-ahead)."""
         if self.beta is None:
-            p.data.addmm_(U.to(p.dtype), Vt.to(p.dtype), beta=decay, alpha=decay * self.eps - lr * g)
-            return
-        N = self.momentum.get(i)
-        if N is not None and i in self.V_previous:  # express N in the new V's basis
-            N = N @ (self.V_previous[i].T @ self.V[i]) / p.shape[1]
-        if finite:
-            N = (1 - self.beta) * g * U if N is None else self.beta * N + (1 - self.beta) * g * U
-        if N is None:
-            p.data.addmm_(U.to(p.dtype), Vt.to(p.dtype), alpha=self.eps)
-            return
-        self.momentum[i] = N
-        p.data.addmm_((decay * self.eps * U - lr * N).to(p.dtype), Vt.to(p.dtype), beta=decay)
+            left = (decay * restore * self.eps - lr * g) * U
+        else:
+            N = self.momentum.get(i)
+            if N is not None and V_replaced is not None:  # express N in the new V's basis
+                N = N @ (V_replaced.T @ V) / p.shape[1]
+            if finite:
+                N = (1 - self.beta) * g * U if N is None else self.beta * N + (1 - self.beta) * g * U
+            if N is not None:
+                self.momentum[i] = N
+            left = decay * restore * self.eps * U - (0 if N is None else lr * N)
+        right = V
+        if self.lookahead:
+            left = torch.cat([left, self.eps * self._U(i, p)], dim=1)
+            right = torch.cat([V, self.V[i]], dim=1)
+        p.data.addmm_(left.to(p.dtype), right.T.to(p.dtype), beta=decay)
 
-    def _step_dense(self, i, p, g, lr, decay, finite):
-        if self.beta is None:
-            for part, z in dense_noise(p, self._seed(i)):
-                if decay != 1.0:
-                    part.mul_(decay)
-                part.add_(z, alpha=decay * self.eps - lr * g)
-            return
-        if i not in self.momentum and finite:
+    def _step_dense(self, i, p, seed, g, lr, decay, restore, finite):
+        if self.beta is not None and i not in self.momentum and finite:
             self.momentum[i] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-        momentum = self.momentum.get(i)
+        momentum = self.momentum.get(i) if self.beta is not None else None
         flat_momentum = momentum.view(-1) if momentum is not None else None
+        upcoming = dense_noise(p, self._seed(i)) if self.lookahead else itertools.repeat((None, None))
         start = 0
-        for part, z in dense_noise(p, self._seed(i)):
+        for (part, z), (_, z_next) in zip(dense_noise(p, seed), upcoming, strict=False):
             if decay != 1.0:
                 part.mul_(decay)
-            part.add_(z, alpha=decay * self.eps)
-            if finite:
-                m = flat_momentum[start : start + part.numel()]
-                m.mul_(self.beta).add_(z.float(), alpha=(1 - self.beta) * g)
-                part.add_(m.to(p.dtype), alpha=-lr)
+            if momentum is None:
+                part.add_(z, alpha=decay * restore * self.eps - lr * g)
+            else:
+                part.add_(z, alpha=decay * restore * self.eps)
+                if finite:
+                    m = flat_momentum[start : start + part.numel()]
+                    m.mul_(self.beta).add_(z.float(), alpha=(1 - self.beta) * g)
+                    part.add_(m.to(p.dtype), alpha=-lr)
+            if z_next is not None:
+                part.add_(z_next, alpha=self.eps)
             start += part.numel()
 
     def state_dict(self):
@@ -209,6 +237,10 @@ class ZOOptimizer(torch.optim.Optimizer):
             "skipped": self.skipped,
             "V": {i: v.cpu() for i, v in self.V.items()},
             "momentum": {i: m.cpu() for i, m in self.momentum.items()},
+            # A look-ahead may have prepared the next step already (and redrawn V): resume exactly there.
+            "V_previous": {i: v.cpu() for i, v in self.V_previous.items()},
+            "begun": self._begun,
+            "position": self.position,
         }
         return state
 
@@ -228,6 +260,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.zo_step, self.skipped = zo["step"], zo["skipped"]
         self.V = {int(i): v.to(devices[int(i)]) for i, v in zo["V"].items()}
         self.momentum = {int(i): m.to(devices[int(i)]) for i, m in zo["momentum"].items()}
+        # Checkpoints from before look-ahead lack these: they were saved with nothing prepared ahead.
+        self.V_previous = {int(i): v.to(devices[int(i)]) for i, v in zo.get("V_previous", {}).items()}
+        self._begun, self.position = zo.get("begun"), zo.get("position", 0)
 
 
 class SaveOnInterruptCallback(TrainerCallback):
@@ -306,6 +341,7 @@ class LowRankTrainer(Trainer):
                     rank=args.rank_r,
                     step_interval=args.step_interval,
                     momentum=args.beta1 if lozo and args.lozo_optimizer == "sgdm" else None,
+                    lookahead=True,
                 ),
             )
         optimizer = super().create_optimizer(model)
@@ -375,8 +411,6 @@ class LowRankTrainer(Trainer):
         if self.accelerator.gradient_state.sync_gradients:
             self._micro_batches = 0
             optimizer.set_projected_grad(self._projected_grad())
-        else:
-            optimizer.perturb(+1)
         step_loss = float(loss_plus + loss_minus) / (2 * count)
         if math.isfinite(step_loss):
             self._last_finite_loss = step_loss
@@ -387,19 +421,35 @@ class LowRankTrainer(Trainer):
     def two_point_losses(self, model, inputs):
         """L(θ+εZ) and L(θ−εZ) as (sum, sum, items); the weights stay at θ−εZ. If anything fails in
         between (out of memory, Ctrl-C), θ is restored before the error propagates."""
-        optimizer, offset = self.zo_optimizer, 0
+        optimizer = self.zo_optimizer
         try:
-            optimizer.perturb(+1)
-            offset = 1
+            optimizer.move_to(+1)  # already there when the previous step looked ahead
             loss_plus, count = self.loss_sum(model, inputs)
-            optimizer.perturb(-2)
-            offset = -1
+            optimizer.move_to(-1)
             loss_minus, _ = self.loss_sum(model, inputs)
         except BaseException:
-            optimizer.perturb(-offset)
+            optimizer.settle()
             self._micro_batches = 0
             raise
         return loss_plus, loss_minus, count
+
+    # The weights sit at θ + εZ of the next step between steps (look-ahead): settle them wherever they are
+    # read — evaluation, checkpoints, the end of training (before HF may load the best checkpoint).
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        control = self.control
+        if self.zo_optimizer is not None and (
+            control.should_evaluate or control.should_save or control.should_training_stop
+        ):
+            self.zo_optimizer.settle()
+        return super()._maybe_log_save_evaluate(*args, **kwargs)
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:  # an exception between steps (Ctrl-C) must not leave the model perturbed
+            if self.zo_optimizer is not None:
+                self.zo_optimizer.settle()
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -442,6 +492,8 @@ class LowRankTrainer(Trainer):
     # ---- evaluation during training: the task metric on the dev samples ----
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        if self.zo_optimizer is not None:
+            self.zo_optimizer.settle()
         if self.evaluate_func is None:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in self.evaluate_func().items()}

@@ -12,8 +12,8 @@ restore and update as separate passes); FT-AdamW is the stock HF training step w
 Every timed step is followed by one timed forward pass in the same process ("forward_s" of the method):
 the ratio to two forwards divides by that, so a shared machine's load, which slows both, cancels out;
 the top-level "forward_s" is the fresh "forward" process's own. For the project's ZO methods
-"weight_passes_s" times the step without its forward passes (draw the directions, perturb +ε,
-perturb −2ε, restore and update): what the method adds to two forwards.
+"weight_passes_s" times the step without its forward passes (draw the directions, perturb −2ε, then
+restore, update and perturb +ε for the next step in one pass): what the method adds to two forwards.
 Peak memory: the highest resident set size sampled during the timed steps (CPU), or
 torch.cuda.max_memory_allocated (GPU).
 """
@@ -226,8 +226,8 @@ def run_worker(opts):
             def weight_passes():  # the step without its two forward passes: what the method itself costs
                 optimizer = trainer.zo_optimizer
                 optimizer.begin_step()
-                optimizer.perturb(+1)
-                optimizer.perturb(-2)
+                optimizer.move_to(+1)  # free after the first: the previous step looked ahead
+                optimizer.move_to(-1)
                 optimizer.set_projected_grad(0.0)
                 optimizer.step()
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import LOZOtrainer
 import run_lozo
 import tasks
 from LOZOtrainer import U_STREAM, V_STREAM, ZOOptimizer, stream_seed
@@ -377,7 +378,15 @@ def run_cli(*args, cwd):
 
 
 @pytest.mark.parametrize(
-    "method", [["--trainer", "LOZO"], ["--trainer", "LOZO", "--lozo_optimizer", "sgdm"], ["--trainer", "zo"]]
+    "method",
+    [
+        ["--trainer", "LOZO"],
+        ["--trainer", "LOZO", "--lozo_optimizer", "sgdm"],
+        ["--trainer", "zo"],
+        # V is redrawn at step 2, which the look-ahead prepared before the checkpoint: LOZO-M's carry-over
+        # into the new V's basis needs the V it replaced from the checkpoint.
+        ["--trainer", "LOZO", "--lozo_optimizer", "sgdm", "--step_interval", "2"],
+    ],
 )
 def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(method, tiny_opt_dir, data_dir, tmp_path):
     common = [
@@ -482,3 +491,119 @@ def test_resuming_with_other_settings_is_a_usage_error():
     resumed = ZOOptimizer([weight], lr=0.1, seed=3, low_rank=True, rank=2)
     resumed.load_state_dict(saved.state_dict())
     assert resumed.zo_step == 1 and torch.equal(resumed.V[0], saved.V[0])
+
+
+# ---- look-ahead: the next step's +εZ is folded into the update pass ----
+
+LOOKAHEAD_METHODS = {
+    "LOZO": dict(low_rank=True),
+    "LOZO-M": dict(low_rank=True, momentum=0.9),
+    "MeZO": dict(low_rank=False),
+    "MeZO-momentum": dict(low_rank=False, momentum=0.9),
+}
+
+
+@pytest.mark.parametrize("method", list(LOOKAHEAD_METHODS))
+def test_lookahead_takes_the_same_steps_in_two_passes_instead_of_three(method, monkeypatch):
+    """Same projected gradients, V redrawn every 3 steps, weight decay: the weights each forward pass sees
+    and the weights after settling agree with and without look-ahead; with it, each step after the first
+    costs one perturbation pass plus the update pass."""
+    torch.manual_seed(0)
+    shapes = [(6, 5), (5,), (7, 6)]
+    models = {ahead: [torch.nn.Parameter(torch.randn(s)) for s in shapes] for ahead in (False, True)}
+    for weights in models.values():  # the same start
+        for w, w0 in zip(weights, models[False], strict=True):
+            w.data.copy_(w0.data)
+    optimizers = {
+        ahead: ZOOptimizer(
+            [{"params": models[ahead], "weight_decay": 0.1}],
+            lr=0.05,
+            eps=1e-2,
+            seed=5,
+            rank=2,
+            step_interval=3,
+            lookahead=ahead,
+            **LOOKAHEAD_METHODS[method],
+        )
+        for ahead in (False, True)
+    }
+    passes = {False: 0, True: 0}
+    original = ZOOptimizer.perturb
+
+    def counting(self, scale):
+        passes[self.lookahead] += 1
+        original(self, scale)
+
+    monkeypatch.setattr(ZOOptimizer, "perturb", counting)
+    gradients = [0.3, -1.2, float("nan"), 0.8, 2.0, -0.4, 0.9]
+    for step, g in enumerate(gradients):
+        seen = {}
+        for ahead, optimizer in optimizers.items():
+            optimizer.begin_step()
+            optimizer.move_to(+1)
+            seen[ahead, +1] = [w.detach().clone() for w in models[ahead]]
+            optimizer.move_to(-1)
+            seen[ahead, -1] = [w.detach().clone() for w in models[ahead]]
+            optimizer.set_projected_grad(g)
+            optimizer.step()
+        assert optimizers[True].position == 1 and optimizers[False].position == 0
+        for sign in (+1, -1):
+            for a, b in zip(seen[True, sign], seen[False, sign], strict=True):
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=f"step {step}, {sign:+d}εZ")
+        if step in (3, len(gradients) - 1):  # as before an evaluation: back to θ, the run goes on from there
+            optimizers[True].settle()
+            for a, b in zip(models[True], models[False], strict=True):
+                torch.testing.assert_close(a.detach(), b.detach(), atol=1e-6, rtol=1e-5, msg=f"step {step}")
+    assert optimizers[True].skipped == optimizers[False].skipped == 1
+    # Without look-ahead: +εZ and −2εZ every step. With it: −2εZ every step, the first +εZ, and one pass
+    # for each of the 2 settles and for the +εZ after the one in the middle.
+    assert passes[False] == 2 * len(gradients)
+    assert passes[True] == len(gradients) + 1 + 2 + 1
+
+
+def test_training_with_lookahead_evaluates_and_saves_settled_weights(
+    tiny_opt_dir, sst2, tmp_path, monkeypatch
+):
+    """Evaluation during training, checkpoints and the final model see θ, never θ + εZ: the same weights
+    as a run without look-ahead (which never leaves θ between steps)."""
+    seen = {}
+    for ahead in (True, False):
+        if not ahead:
+            monkeypatch.setattr(
+                LOZOtrainer,
+                "ZOOptimizer",
+                type("NoLookahead", (ZOOptimizer,), {"__init__": no_lookahead_init}),
+            )
+        args = parse(
+            tiny_opt_dir, tmp_path / str(ahead), "--trainer", "LOZO", "--lozo_optimizer", "sgdm",
+            "--step_interval", "2", "--max_steps", "5", "--learning_rate", "0.05",
+            "--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "steps", "--save_steps", "3",
+        )  # fmt: skip
+        framework = run_lozo.Framework(args, sst2)
+        initial = snapshot(framework.model)
+        snapshots = []
+        framework.evaluate = recording_evaluate(framework, snapshots)
+        trainer = train(framework, sst2)
+        assert trainer.zo_optimizer.lookahead is ahead and trainer.zo_optimizer.position == 0
+        checkpoint = load_file(tmp_path / str(ahead) / "out" / "checkpoint-3" / "model.safetensors")
+        seen[ahead] = (snapshots, checkpoint, snapshot(framework.model))
+    (evals, checkpoint, final), (evals_ref, checkpoint_ref, final_ref) = seen[True], seen[False]
+    assert len(evals) == len(evals_ref) == 3  # steps 2, 4 and the last (5)
+    # Equal up to float rounding, which (L+ − L−) / 2ε magnifies: within 10⁻³ of each tensor's change (a
+    # weight left at θ + εZ would be off by ε·|Z|, about a tenth of the change here).
+    for got, want in [*zip(evals, evals_ref, strict=True), (final, final_ref), (checkpoint, checkpoint_ref)]:
+        for name in want:
+            change = (want[name] - initial[name]).abs().max().item()
+            assert change > 0 and (got[name] - want[name]).abs().max().item() < 1e-3 * change, name
+
+
+def recording_evaluate(framework, snapshots):
+    def evaluate(*args, **kwargs):
+        snapshots.append(snapshot(framework.model))
+        return {"accuracy": 0.5}
+
+    return evaluate
+
+
+def no_lookahead_init(self, *args, lookahead=False, **kwargs):
+    ZOOptimizer.__init__(self, *args, lookahead=False, **kwargs)
