@@ -46,13 +46,17 @@ def gaussian(shape, seed, device):
 
 
 def dense_noise(param, seed):
-    """Yield (slice of `param`, z for that slice), z ~ N(0,1) in param's dtype, chunk by chunk."""
+    """Yield (slice of `param`, z for that slice), z ~ N(0,1) in param's dtype, chunk by chunk. z is
+    overwritten by the next chunk: use it before asking for the next one."""
     generator = torch.Generator(device=param.device)
     generator.manual_seed(seed)
     flat = param.data.view(-1)
+    # One buffer refilled in place (the same numbers as torch.randn): drawing is what bounds a dense step,
+    # and a fresh allocation per chunk costs ~15 % more on a CPU.
+    buffer = torch.empty(min(DENSE_CHUNK, flat.numel()), device=param.device, dtype=torch.float32)
     for start in range(0, flat.numel(), DENSE_CHUNK):
         part = flat[start : start + DENSE_CHUNK]
-        z = torch.randn(part.numel(), generator=generator, device=param.device, dtype=torch.float32)
+        z = buffer[: part.numel()].normal_(generator=generator)
         yield part, z.to(param.dtype)
 
 
