@@ -155,6 +155,9 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def settle(self):
         """Weights back at θ: undo a look-ahead perturbation before anything reads them."""
+        if self.position is None:  # a step failed half-way: no single perturbation would restore θ
+            logger.warning("a zeroth-order step was interrupted mid-update: the weights are not restorable")
+            return
         self.move_to(0)
 
     def set_projected_grad(self, projected_grad):
@@ -170,7 +173,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         finite = math.isfinite(g)
         if not finite:
             self.skipped += 1
-        restore = -self.position
+        restore, self.position = -self.position, None  # None until every tensor is updated (see settle())
         this_V, carried_V = self.V, self.V_previous  # this step's V, and on a redraw step the one it replaced
         seeds = {i: self._seed(i) for i, _ in self.tensors}
         self.zo_step += 1
@@ -440,20 +443,30 @@ class LowRankTrainer(Trainer):
     # The weights sit at θ + εZ of the next step between steps (look-ahead): settle them wherever they are
     # read — evaluation, checkpoints, the end of training (before HF may load the best checkpoint).
 
+    def settle(self):
+        if self.zo_optimizer is not None:
+            self.zo_optimizer.settle()
+
     def _maybe_log_save_evaluate(self, *args, **kwargs):
         control = self.control
-        if self.zo_optimizer is not None and (
-            control.should_evaluate or control.should_save or control.should_training_stop
-        ):
-            self.zo_optimizer.settle()
+        if control.should_evaluate or control.should_save or control.should_training_stop:
+            self.settle()
         return super()._maybe_log_save_evaluate(*args, **kwargs)
+
+    def _save_checkpoint(self, *args, **kwargs):
+        self.settle()
+        return super()._save_checkpoint(*args, **kwargs)
+
+    def _finalize_training(self, *args, **kwargs):
+        self.settle()  # before HF loads the best checkpoint and callbacks see the end of training
+        return super()._finalize_training(*args, **kwargs)
 
     def train(self, *args, **kwargs):
         try:
             return super().train(*args, **kwargs)
         finally:  # an exception between steps (Ctrl-C) must not leave the model perturbed
-            if self.zo_optimizer is not None:
-                self.zo_optimizer.settle()
+            self.settle()
+            self._micro_batches = 0
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -496,8 +509,7 @@ class LowRankTrainer(Trainer):
     # ---- evaluation during training: the task metric on the dev samples ----
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        if self.zo_optimizer is not None:
-            self.zo_optimizer.settle()
+        self.settle()
         if self.evaluate_func is None:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in self.evaluate_func().items()}

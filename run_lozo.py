@@ -186,7 +186,7 @@ def validate_arguments(args):
             "training needs one train set: pass --train_set_seed (or --num_train_sets)",
         ),
         (
-            args.trainer != "none" or args.num_dev is None,
+            args.trainer != "none" or args.linear_probing or args.num_dev is None,
             "--num_dev is for training; drop it with --trainer none",
         ),
         (args.max_length > 1, f"--max_length must be > 1, got {args.max_length}"),
@@ -259,6 +259,19 @@ def mode_checks(args):
         (
             not (args.linear_probing and task in ("Copa", "ReCoRD", *GENERATION_TASKS)),
             f"--linear_probing needs fixed label words; {args.task_name} has per-sample answers",
+        ),
+        (
+            not (args.linear_probing and (args.sfc or args.icl_sfc)),
+            "--linear_probing scores with the fitted head alone; drop --sfc/--icl_sfc",
+        ),
+        (
+            args.trainer != "none" or args.linear_probing or not modes,
+            f"{' '.join(modes)} trains parameters: add --trainer (regular, zo or LOZO), or evaluate a saved "
+            "adapter with --load_adapter",
+        ),
+        (
+            not (args.fsdp and (modes or args.load_adapter)),
+            "--fsdp shards full-parameter training; drop it with the parameter-efficient modes",
         ),
     ]
 

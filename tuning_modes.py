@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, TaskType, get_peft_model
 
+from utils import UsageError
+
 logger = logging.getLogger(__name__)
 
 LORA_TARGETS = ["q_proj", "v_proj"]  # MeZO puts LoRA on the attention query and value projections
@@ -39,7 +41,13 @@ def apply_tuning_mode(model, args):
             lora_dropout=0.0,
             target_modules=LORA_TARGETS,
         )
-        model = get_peft_model(model, config)
+        try:
+            model = get_peft_model(model, config)
+        except ValueError as error:  # the architecture names its attention projections otherwise
+            raise UsageError(
+                f"--lora targets {LORA_TARGETS}, which {model.config.model_type} models lack "
+                f"({str(error).splitlines()[0]})"
+            ) from None
     elif args.prefix_tuning:
         model = add_prefixes(model, args)
     elif args.head_tuning:
@@ -117,6 +125,8 @@ def fit_linear_probe(features, labels, num_classes, early_stopping, seed=0):
     class, so that writing row k into the LM head row of label word k makes the LM the classifier."""
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 
+    if len(np.unique(labels)) < 2:
+        raise UsageError("--linear_probing needs training samples of at least two classes; raise --num_train")
     tol, max_iter = (1e-2, 1000) if early_stopping else (1e-4, 5000)
     folds = min(5, np.bincount(labels, minlength=num_classes).min())
     common = dict(fit_intercept=False, tol=tol, max_iter=max_iter, random_state=seed)

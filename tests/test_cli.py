@@ -321,6 +321,14 @@ BAD_INPUTS = {
     ),
     "probe-on-copa": (["--linear_probing", "--task_name", "Copa", "--train_set_seed", "0"], ["Copa"]),
     "adapter-with-lora": (["--lora", "--load_adapter", "{tmp}"], ["--load_adapter", "--lora"]),
+    "mode-without-a-trainer": (
+        ["--lora", "--train_set_seed", "0"],
+        ["--lora", "--trainer", "--load_adapter"],
+    ),
+    "probe-with-calibration": (
+        ["--linear_probing", "--sfc", "--train_set_seed", "0"],
+        ["--linear_probing", "--sfc"],
+    ),
     "adapter-folder-missing": (["--load_adapter", "{tmp}/none"], ["--load_adapter {tmp}/none"]),
     "real-act-init-with-reparam": (
         ["--prefix_tuning", "--no_reparam", "False"],

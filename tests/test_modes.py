@@ -114,7 +114,9 @@ def test_lozo_on_lora_matrices_changes_each_by_rank_at_most_r(tiny_opt_dir, sst2
 
 @pytest.mark.parametrize("family", ["opt", "llama"])
 def test_prefixes_start_as_the_real_activations_of_random_tokens(family, models, sst2, tmp_path):
-    framework = make_framework(models[family], sst2, tmp_path, "--prefix_tuning", "--num_prefix", "4")
+    framework = make_framework(
+        models[family], sst2, tmp_path, "--prefix_tuning", "--num_prefix", "4", "--trainer", "zo"
+    )
     model = framework.model
     tokens = random_token_ids(model.config.vocab_size, 4, seed=3)
     text = torch.tensor([framework.tokenizer.encode("a fine, moving film")])
@@ -156,6 +158,10 @@ def test_prefix_tuned_model_generates_as_after_reading_its_prefix_tokens(family,
             "--prefix_tuning",
             "--max_new_tokens",
             "6",
+            "--trainer",
+            "zo",
+            "--train_set_seed",
+            "0",
         ]
     )
     framework = run_lozo.Framework(args, squad)
@@ -195,7 +201,7 @@ def test_saved_adapter_reloads_and_reproduces_the_score(
     assert json.loads((tmp_path / "reloaded.json").read_text()) == trained
 
     # The saved adapter holds the trained values, not the initial ones.
-    fresh = make_framework(tiny_opt_dir, sst2, tmp_path, *MODES[mode][0]).model
+    fresh = make_framework(tiny_opt_dir, sst2, tmp_path, *MODES[mode][0], "--trainer", "LOZO").model
     args = run_lozo.parse_args(["--model_name", str(tiny_opt_dir), "--load_adapter", str(adapter)])
     loaded = run_lozo.apply_tuning_mode(run_lozo.load_model(args), args)
     assert isinstance(loaded, PeftModel)
