@@ -641,6 +641,9 @@ def run(args):
                 raise UsageError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder")
             if args.linear_probing:
                 framework.linear_probe(train_samples)
+                if args.save_model and args.process_index == 0:  # the probed head lives in the model only
+                    framework.model.save_pretrained(args.output_dir)
+                    framework.tokenizer.save_pretrained(args.output_dir)
             else:
                 framework.train(train_samples, dev_samples or eval_samples)
             if isinstance(framework.model, PeftModel) and args.process_index == 0:  # replicas are identical

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from peft import PeftModel
+from transformers import AutoModelForCausalLM
 
 import run_lozo
 import tasks
@@ -241,7 +242,15 @@ def test_linear_probing_end_to_end_writes_the_result(tiny_opt_dir, data_dir, tmp
     run_cli(
         monkeypatch, tmp_path, data_dir,
         "--task_name", "RTE", "--model_name", str(tiny_opt_dir), "--linear_probing", "--lp_early_stopping",
-        "--train_set_seed", "0", "--num_train", "32", "--num_eval", "16",
+        "--train_set_seed", "0", "--num_train", "32", "--num_eval", "16", "--save_model",
     )  # fmt: skip
     result = json.loads((tmp_path / "result/RTE-tiny-opt-sampleeval16-ntrain32-trainset0.json").read_text())
     assert 0 <= result["accuracy"] <= 1
+    # --save_model keeps the probed head: the saved model differs from the original in the LM head only.
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    original = AutoModelForCausalLM.from_pretrained(tiny_opt_dir)
+    assert saved.get_output_embeddings().weight is not saved.get_input_embeddings().weight
+    changed = (saved.lm_head.weight != original.lm_head.weight).any(1).sum().item()
+    assert changed == 2  # RTE's two label words
+    for name, param in original.model.named_parameters():
+        assert torch.equal(param, saved.model.get_parameter(name)), name
