@@ -17,11 +17,4 @@ PRECISION=${PRECISION-} # first-order training keeps float32 weights unless aske
 source ./launch_common.sh
 TAG=${TAG:-ft-$MODE-$EPOCH-$BS-$LR-$SEED}
 
-"${LAUNCHER[@]}" run_lozo.py \
-    --model_name "$MODEL" --task_name "$TASK" \
-    --output_dir "result/$TASK-$MODEL_NAME-$TAG" --tag "$TAG" \
-    --train_set_seed "$SEED" --num_train "$TRAIN" --num_dev "$DEV" --num_eval "$EVAL" \
-    --trainer regular --learning_rate "$LR" --num_train_epochs "$EPOCH" \
-    --per_device_train_batch_size "$BS" --logging_steps 10 \
-    --eval_strategy epoch --save_strategy epoch --save_total_limit 1 --load_best_model_at_end \
-    $PRECISION "${MODE_ARGS[@]}" "${TASK_ARGS[@]}" "$@"
+fo_launch "$@"

@@ -25,12 +25,5 @@ fi
 # No transformer_layer_cls_to_wrap: accelerate then wraps the model's own `_no_split_modules` classes.
 FSDP_CONFIG='{"version": 2, "reshard_after_forward": true, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP"}'
 
-"${TORCHRUN[@]}" run_lozo.py \
-    --model_name "$MODEL" --task_name "$TASK" \
-    --output_dir "result/$TASK-$MODEL_NAME-$TAG" --tag "$TAG" \
-    --train_set_seed "$SEED" --num_train "$TRAIN" --num_dev "$DEV" --num_eval "$EVAL" \
-    --trainer regular --learning_rate "$LR" --num_train_epochs "$EPOCH" \
-    --per_device_train_batch_size "$BS" --logging_steps 10 \
-    --eval_strategy epoch --save_strategy epoch --save_total_limit 1 --load_best_model_at_end \
-    --no_auto_device --fsdp --fsdp_config "$FSDP_CONFIG" \
-    $PRECISION "${TASK_ARGS[@]}" "$@"
+LAUNCHER=("${TORCHRUN[@]}")
+fo_launch --no_auto_device --fsdp --fsdp_config "$FSDP_CONFIG" "$@"

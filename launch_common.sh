@@ -51,14 +51,25 @@ NUM_GPU=${NUM_GPU:-1}
 TORCHRUN=(torchrun --nproc_per_node "$NUM_GPU" ${TORCHRUN_ARGS:-})
 if [ "$NUM_GPU" -gt 1 ]; then LAUNCHER=("${TORCHRUN[@]}"); else LAUNCHER=(python); fi
 
-zo_launch() {
+# LAUNCHER run_lozo.py with what every training launcher passes: model, task, output, samples, the mode's
+# and the task's flags; then the caller's arguments (extra command-line arguments last, so they win).
+launch() {
     "${LAUNCHER[@]}" run_lozo.py \
         --model_name "$MODEL" --task_name "$TASK" \
         --output_dir "result/$TASK-$MODEL_NAME-$TAG" --tag "$TAG" \
         --train_set_seed "$SEED" --num_train "$TRAIN" --num_dev "$DEV" --num_eval "$EVAL" \
-        --max_steps "$STEPS" --per_device_train_batch_size "$BS" \
-        --learning_rate "$LR" --zo_eps "$EPS" --lr_scheduler_type constant \
-        --logging_steps 10 --eval_strategy steps --eval_steps "$EVAL_STEPS" \
-        --save_strategy steps --save_steps "$EVAL_STEPS" --save_total_limit 1 --load_best_model_at_end \
-        $PRECISION "${TRAINER_ARGS[@]}" "${MODE_ARGS[@]}" "${TASK_ARGS[@]}" "$@"
+        --per_device_train_batch_size "$BS" --learning_rate "$LR" --logging_steps 10 \
+        --save_total_limit 1 --load_best_model_at_end $PRECISION "${MODE_ARGS[@]}" "${TASK_ARGS[@]}" "$@"
+}
+
+# Zeroth-order training (lozo.sh, mezo.sh): MeZO's constant schedule, evaluation and checkpoints by steps.
+zo_launch() {
+    launch --max_steps "$STEPS" --zo_eps "$EPS" --lr_scheduler_type constant \
+        --eval_strategy steps --eval_steps "$EVAL_STEPS" --save_strategy steps --save_steps "$EVAL_STEPS" \
+        "${TRAINER_ARGS[@]}" "$@"
+}
+
+# First-order fine-tuning (finetune.sh; finetune_fsdp.sh with its LAUNCHER and FSDP options first).
+fo_launch() {
+    launch --trainer regular --num_train_epochs "$EPOCH" --eval_strategy epoch --save_strategy epoch "$@"
 }
