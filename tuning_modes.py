@@ -69,14 +69,14 @@ def add_prefixes(model, args):
         num_virtual_tokens=args.num_prefix,
         prefix_projection=not args.no_reparam,
     )
-    if args.prefix_init_by_real_act:
-        token_ids = random_token_ids(model.config.vocab_size, args.num_prefix, args.seed)
-        activations = real_prefix_activations(model, token_ids)
-        model = get_peft_model(model, config)
-        model.prompt_encoder[model.active_adapter].embedding.weight.data.copy_(activations)
-        logger.info("prefixes initialised from the activations of tokens %s", token_ids.tolist())
-        return model
-    return get_peft_model(model, config)
+    if not args.prefix_init_by_real_act:
+        return get_peft_model(model, config)
+    token_ids = random_token_ids(model.config.vocab_size, args.num_prefix, args.seed)
+    activations = real_prefix_activations(model, token_ids)  # from the plain model, before peft wraps it
+    model = get_peft_model(model, config)
+    model.prompt_encoder[model.active_adapter].embedding.weight.data.copy_(activations)
+    logger.info("prefixes initialised from the activations of tokens %s", token_ids.tolist())
+    return model
 
 
 def random_token_ids(vocab_size, count, seed):
