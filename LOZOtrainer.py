@@ -130,11 +130,12 @@ class ZOOptimizer(torch.optim.Optimizer):
                     (p.shape[1], self.rank), stream_seed(self.seed, V_STREAM, period, i), p.device
                 )
 
-    def _seed(self, i):
-        return stream_seed(self.seed, U_STREAM, self.zo_step, i)
+    def _seed(self, i, step=None):
+        """Seed of tensor i's U or dense z at `step` (default: the current step)."""
+        return stream_seed(self.seed, U_STREAM, self.zo_step if step is None else step, i)
 
-    def _U(self, i, p, seed=None):
-        return gaussian((p.shape[0], self.rank), self._seed(i) if seed is None else seed, p.device)
+    def _U(self, i, p, step=None):
+        return gaussian((p.shape[0], self.rank), self._seed(i, step), p.device)
 
     @torch.no_grad()
     def perturb(self, scale):
@@ -175,7 +176,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             self.skipped += 1
         restore, self.position = -self.position, None  # None until every tensor is updated (see settle())
         this_V, carried_V = self.V, self.V_previous  # this step's V, and on a redraw step the one it replaced
-        seeds = {i: self._seed(i) for i, _ in self.tensors}
+        step = self.zo_step
         self.zo_step += 1
         self.projected_grad = None
         self.V_previous = {}
@@ -189,10 +190,10 @@ class ZOOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 i = self.index[id(p)]
                 if self.is_low_rank(p):
-                    U = self._U(i, p, seeds[i])
+                    U = self._U(i, p, step)
                     self._step_low_rank(i, p, U, this_V[i], carried_V.get(i), g, lr, decay, restore, finite)
                 else:
-                    self._step_dense(i, p, seeds[i], g, lr, decay, restore, finite)
+                    self._step_dense(i, p, self._seed(i, step), g, lr, decay, restore, finite)
         self.position = 1 if self.lookahead else 0
 
     def _step_low_rank(self, i, p, U, V, V_replaced, g, lr, decay, restore, finite):
@@ -217,7 +218,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _step_dense(self, i, p, seed, g, lr, decay, restore, finite):
         if self.beta is not None and i not in self.momentum and finite:
             self.momentum[i] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-        momentum = self.momentum.get(i) if self.beta is not None else None
+        momentum = self.momentum.get(i)  # only LOZO-M / MeZO with momentum keep any
         flat_momentum = momentum.view(-1) if momentum is not None else None
         upcoming = dense_noise(p, self._seed(i)) if self.lookahead else itertools.repeat((None, None))
         start = 0
