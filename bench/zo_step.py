@@ -192,12 +192,16 @@ def run_worker(opts):
         mask = target_mask(batch["input_ids"], batch["attention_mask"], batch["option_len"], pad)
         return option_loss(target_logits(model, batch, mask), batch, pad, mask=mask)
 
-    method, step = opts.worker, 0
-    if method == "forward":
+    def reference_forward():  # the unit, measured beside each step: a busy shared machine slows both alike
+        training = model.training
+        model.eval()
+        with torch.inference_mode():
+            loss()
+        model.train(training)
 
-        def run_step():
-            with torch.inference_mode():
-                loss()
+    method, step, weight_passes = opts.worker, 0, None
+    if method == "forward":
+        run_step = reference_forward
 
     elif method.endswith("-released"):
         v_factors = {}
@@ -239,13 +243,6 @@ def run_worker(opts):
         run_step()
     synchronized()
 
-    def reference_forward():  # the unit, measured beside the step: a busy shared machine slows both alike
-        training = model.training
-        model.eval()
-        with torch.inference_mode():
-            loss()
-        model.train(training)
-
     step_times, forward_times = [], []
     with PeakMemory(opts.device) as memory:  # a forward's peak never exceeds a training step's
         for _ in range(opts.steps):
@@ -256,7 +253,7 @@ def run_worker(opts):
         "forward_s": statistics.median(forward_times),
         "peak_mem_mb": memory.peak,
     }
-    if "weight_passes" in locals():
+    if weight_passes is not None:
         result["weight_passes_s"] = statistics.median(
             timed(weight_passes, synchronized) for _ in range(opts.steps)
         )
