@@ -379,8 +379,7 @@ class Framework:
         if prefix:
             prompt = torch.tensor([encodings[0][:prefix]], device=self.device)
             # Only the cache is needed from the prompt: skip its projection onto the vocabulary.
-            last_only = {"logits_to_keep": 1} if accepts_logits_to_keep(self.model) else {}
-            cache = self.model(input_ids=prompt, use_cache=True, **last_only).past_key_values
+            cache = self.forward_last_position(prompt, use_cache=True).past_key_values
             cache.batch_repeat_interleave(len(encodings))
             batch["attention_mask"] = F.pad(batch["attention_mask"], (prefix, 0), value=1)
             logits = target_logits(self.model, batch, mask, past_key_values=cache)
@@ -388,6 +387,11 @@ class Framework:
             logits = target_logits(self.model, batch, mask)
         rows, log_probs = target_log_probs(logits, batch["input_ids"], mask)
         return [log_probs[rows == row].cpu() for row in range(len(encodings))]
+
+    def forward_last_position(self, input_ids, **kwargs):
+        """The model on `input_ids`, projecting onto the vocabulary at the last position only."""
+        last_only = {"logits_to_keep": 1} if accepts_logits_to_keep(self.model) else {}
+        return self.model(input_ids=input_ids, **kwargs, **last_only)
 
     @torch.no_grad()
     def generate(self, input_ids):
@@ -478,9 +482,8 @@ class Framework:
                 )
             multi_token_options = multi_token_options or max(option_lens) > 1
             prompt = torch.tensor([encodings[0][: -option_lens[0]]], device=self.device)
-            last_only = {"logits_to_keep": 1} if accepts_logits_to_keep(self.model) else {}
             with HeadInputs(self.model) as head_inputs:
-                self.model(input_ids=prompt, **last_only)
+                self.forward_last_position(prompt)
             features.append(head_inputs.captured[0, -1].double().cpu())
             labels.append(correct_index(sample, first_only=True))
         if multi_token_options:
