@@ -2,8 +2,8 @@
 
 `ZOOptimizer` owns the method: the random directions, the V factors, momentum and the step count. The HF
 training loop drives it unchanged: `LowRankTrainer.training_step` measures the two perturbed losses,
-`optimizer.step()` restores the weights and applies the update in one pass, the lr scheduler moves `lr`, and
-checkpoints carry `optimizer.state_dict()`.
+`optimizer.step()` applies the update, the lr scheduler moves `lr`, and checkpoints carry
+`optimizer.state_dict()`.
 
 Directions, per trainable tensor W at optimisation step t:
   LOZO, 2-D W (m×n):  Z = U Vᵀ, U ~ N(0,1)^{m×r} fresh each step, V ~ N(0,1)^{n×r} redrawn at t = 0, ν, 2ν, …
@@ -12,6 +12,19 @@ Every tensor has its own random stream seeded from (run seed, step, tensor index
 exactly, in any order and on any device, and is never stored. That is also what makes data-parallel ZO
 cheap: replicas started by torchrun draw the same Z, so they need to sum only their loss sums and counts
 (`LowRankTrainer.reduce_loss_sums`) to take the same step.
+
+Exact arithmetic in any dtype. Writing θ ± εZ into the weights and back rounds every time, and in half
+precision the roundings random-walk (bf16 weights drifted by 4 % in 300 steps at learning rate 0), while
+the papers' updates (lr 1e-6 – 1e-7) are far below a half-precision weight's last bit. So no weight is
+ever perturbed in place:
+  * a LOZO matrix keeps its weights W as they are and the modules that read W add its low-rank part to
+    their output (`SidePath`): the model computes with scale·W + [A + position·εU | A_old]·[V | V_old]ᵀ,
+    where A = −η Σ g U is this V period's update so far and A_old, V_old the finished periods, all float32
+    (`LowRankMatrix`). Every `merge_periods` periods, and before a checkpoint, they are written into W,
+    rounded once — stochastically in half precision, so the merge is unbiased;
+  * every other tensor has a float32 master copy: the weights are written as round(master + position·εz)
+    and the update goes into the master. That is small for LOZO's vectors; for MeZO it is 4 bytes a weight,
+    and `in_place` keeps MeZO's original in-place arithmetic (inference memory, rounding drift) instead.
 """
 
 import functools
@@ -23,6 +36,8 @@ import signal
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from transformers import Trainer, TrainerCallback
 
 from metrics import f1
@@ -30,8 +45,8 @@ from utils import UsageError, option_loss, target_logits, target_mask
 
 logger = logging.getLogger(__name__)
 
-U_STREAM, V_STREAM = 0, 1
-DENSE_CHUNK = 1 << 20  # dense noise is drawn in chunks of this many elements: no parameter-sized temporary
+U_STREAM, V_STREAM, ROUNDING_STREAM = 0, 1, 2
+CHUNK = 1 << 20  # elements per chunk of dense noise and of a merge: no parameter-sized temporary
 
 
 def stream_seed(*key):
@@ -39,25 +54,227 @@ def stream_seed(*key):
     return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def gaussian(shape, seed, device):
+def seeded_generator(seed, device):
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    return generator
 
 
-def dense_noise(param, seed):
-    """Yield (slice of `param`, z for that slice), z ~ N(0,1) in param's dtype, chunk by chunk. z is
-    overwritten by the next chunk: use it before asking for the next one."""
-    generator = torch.Generator(device=param.device)
-    generator.manual_seed(seed)
-    flat = param.data.view(-1)
-    # One buffer refilled in place (the same numbers as torch.randn): drawing is what bounds a dense step,
-    # and a fresh allocation per chunk costs ~15 % more on a CPU.
-    buffer = torch.empty(min(DENSE_CHUNK, flat.numel()), device=param.device, dtype=torch.float32)
-    for start in range(0, flat.numel(), DENSE_CHUNK):
-        part = flat[start : start + DENSE_CHUNK]
-        z = buffer[: part.numel()].normal_(generator=generator)
-        yield part, z.to(param.dtype)
+def gaussian(shape, seed, device):
+    return torch.randn(shape, generator=seeded_generator(seed, device), device=device, dtype=torch.float32)
+
+
+def dense_noise(numel, seed, device):
+    """Yield (start, z) chunk by chunk: z ~ N(0,1) in float32 for elements start … start + len(z) of a flat
+    tensor. z is refilled by the next chunk: use it before asking for the next one. (One buffer refilled in
+    place gives the same numbers as torch.randn; drawing bounds a dense step, and a fresh allocation per
+    chunk costs ~15 % more on a CPU.)"""
+    generator = seeded_generator(seed, device)
+    buffer = torch.empty(min(CHUNK, numel), device=device, dtype=torch.float32)
+    for start in range(0, numel, CHUNK):
+        yield start, buffer[: min(CHUNK, numel - start)].normal_(generator=generator)
+
+
+def stochastic_round(values, dtype, generator):
+    """float32 `values` in a narrower `dtype`, each rounded to one of its two neighbours at random, with the
+    probability that makes the expected result the value itself. (Rounding to nearest would drop every
+    change smaller than half a unit in the last place: most of a merged update at lr 1e-6 in bf16.)"""
+    if values.dtype == dtype:
+        return values
+    nearest = values.to(dtype)
+    error = values - nearest.float()
+    neighbour = torch.nextafter(nearest, torch.where(error > 0, torch.inf, -torch.inf).to(dtype))
+    gap = (neighbour.float() - nearest.float()).abs()
+    away = torch.rand(values.shape, generator=generator, device=values.device) * gap < error.abs()
+    return torch.where(away, neighbour, nearest)
+
+
+def add_product_(output, left, right):
+    """output += left @ right over the last dimension (output (..., b), left (..., k), right (k, b)), fused
+    into one addmm_ when the dtypes agree."""
+    if output.dtype == left.dtype:
+        return (
+            output.view(-1, output.shape[-1]).addmm_(left.view(-1, left.shape[-1]), right).view(output.shape)
+        )
+    return output.add_(left @ right)
+
+
+class LowRankMatrix:
+    """A LOZO matrix W (m×n) and its factors. The model computes with the effective weight
+
+        scale · (W + [C + position·(ε/scale)·U | A_old] · [V | V_old]ᵀ)
+
+    W, the parameter, is written only by `merge`. C (m×r, float32) is this V period's update so far and
+    A_old, V_old the finished periods not merged yet (`periods` of them); `scale` is the weight decay since
+    the last merge, kept as one number so that decay never rounds a factor.
+
+    The factors live transposed in two buffers of the compute dtype, `left` ((1 + capacity)·r × m) and
+    `right` ((1 + capacity)·r × n): rows 0…r−1 hold this period, the next rows A_old and V_old, and the
+    forward multiplies by their first r + `used` rows. C accumulates in float32 and is rounded to the
+    compute dtype once per move; the merge writes exactly what the forward computed with."""
+
+    def __init__(self, param, rank, eps, capacity):
+        m, n = param.shape
+        self.param, self.rank, self.eps = param, rank, eps
+        # float16's range is too small for x·V on large activations; bfloat16 and float32 compute as they are.
+        self.compute_dtype = torch.float32 if param.dtype == torch.float16 else param.dtype
+        rows = (1 + capacity) * rank
+        self.left = torch.zeros(rows, m, dtype=self.compute_dtype, device=param.device)
+        self.right = torch.zeros(rows, n, dtype=self.compute_dtype, device=param.device)
+        self.exact_dtype = torch.promote_types(param.dtype, torch.float32)  # of C, U and the merge
+        self.C = torch.zeros(m, rank, dtype=self.exact_dtype, device=param.device)
+        self.U = torch.zeros_like(self.C)
+        self.used, self.scale, self.position = 0, 1.0, 0
+        self.active = False  # whether the low-rank part is non-zero (else the forward skips it)
+
+    @property
+    def V(self):
+        return self.right[: self.rank].T.to(self.exact_dtype, copy=True)
+
+    @property
+    def periods(self):
+        return self.used // self.rank
+
+    def current(self):
+        """This period's rows of the left factor, in float32: C + position·(ε/scale)·U."""
+        if self.position == 0:
+            return self.C
+        return self.C + (self.position * self.eps / self.scale) * self.U
+
+    def begin_period(self, V):
+        """A new V: this period's update joins the unmerged ones (unless it is zero, as at lr 0)."""
+        r = self.rank
+        if self.C.any():
+            self.left[r + self.used : 2 * r + self.used] = self.C.T
+            self.right[r + self.used : 2 * r + self.used] = self.right[:r]
+            self.used += r
+        self.C.zero_()
+        self.right[:r] = V.T
+        self.move_to(self.position)
+
+    def move_to(self, position):
+        self.position = position
+        self.left[: self.rank] = self.current().T
+        self.active = position != 0 or self.used > 0 or bool(self.C.any()) or self.scale != 1.0
+
+    def update(self, direction, lr, decay):
+        """Effective weight ← decay · effective weight − lr · direction · Vᵀ, back at position 0."""
+        self.scale *= decay
+        self.C.add_(direction, alpha=-lr / self.scale)
+        self.move_to(0)
+
+    def merge(self, generator, current):
+        """W ← scale·(W + A_old·V_oldᵀ (+ C·Vᵀ with `current`)), rounded once, row block by row block. The
+        merged factors restart from zero."""
+        first = 0 if current else self.rank
+        A = self.left[first : self.rank + self.used].T.to(self.exact_dtype)
+        V = self.right[first : self.rank + self.used].to(self.exact_dtype)
+        if self.scale != 1.0 or A.any():
+            W = self.param.data
+            rows = max(1, CHUNK // W.shape[1])
+            for start in range(0, W.shape[0], rows):
+                block = W[start : start + rows]
+                exact = torch.addmm(block.to(self.exact_dtype), A[start : start + rows], V).mul_(self.scale)
+                block.copy_(stochastic_round(exact, W.dtype, generator))
+        if current:
+            self.C.zero_()
+        else:
+            self.C.mul_(self.scale)  # this period's update, now relative to the merged W
+        self.used, self.scale = 0, 1.0
+        self.move_to(self.position)
+
+    def add_to(self, func, inputs, output, bias):
+        """The output of F.linear / F.embedding with W, turned into the output with the effective weight."""
+        if not self.active:
+            return output
+        k = self.rank + self.used
+        left, right = self.left[:k], self.right[:k]
+        if func is F.linear:  # x·Wᵀ  →  x·Wᵀ + (x·V)·Lᵀ
+            add_product_(output, inputs.to(self.compute_dtype) @ right.T, left)
+        else:  # W[i]  →  W[i] + L[i]·Vᵀ
+            add_product_(output, F.embedding(inputs, left.T), right)
+        if self.scale != 1.0:  # scale·(W x + side) + bias
+            output.mul_(self.scale)
+            if bias is not None:
+                output.add_(bias, alpha=1.0 - self.scale)
+        return output
+
+    def effective(self):
+        """The effective weight, as the forward computes with it, in float32 (for tests and benchmarks: it is
+        parameter-sized)."""
+        k = self.rank + self.used
+        A, V = self.left[:k].T.to(self.exact_dtype), self.right[:k].to(self.exact_dtype)
+        return torch.addmm(self.param.detach().to(self.exact_dtype), A, V).mul_(self.scale)
+
+    def state(self):
+        k = self.rank + self.used
+        return {
+            "left": self.left[:k].cpu(),
+            "right": self.right[:k].cpu(),
+            "C": self.C.cpu(),
+            "scale": self.scale,
+        }
+
+    def load(self, state):
+        k = len(state["left"])
+        self.left[:k], self.right[:k] = state["left"], state["right"]
+        self.used, self.C, self.scale = k - self.rank, state["C"].to(self.param.device), state["scale"]
+        self.move_to(self.position)
+
+
+# Reads of a matrix that do not involve its values (the modules that own one may ask for its dtype or shape).
+METADATA = {torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.data_ptr, torch.Tensor.stride}
+METADATA_PROPERTIES = {
+    torch.Tensor.shape,
+    torch.Tensor.dtype,
+    torch.Tensor.device,
+    torch.Tensor.ndim,
+    torch.Tensor.requires_grad,
+    torch.Tensor.is_cuda,
+}
+
+
+class SidePath(TorchFunctionMode):
+    """Active during the forward of a module that owns LOZO matrices (its hooks enter and leave it): every
+    F.linear / F.embedding that reads one of them gets the matrix's low-rank part added to its output. Any
+    other read of such a matrix would see W without it, so it is refused."""
+
+    def __init__(self, module, matrices, names):
+        super().__init__()
+        self.module, self.matrices, self.names = module, matrices, names
+
+    def enter(self, module, args):
+        self.__enter__()
+
+    def leave(self, module, args, output):
+        self.__exit__(None, None, None)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear or func is F.embedding:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            matrix = self.matrices.get(id(weight))
+            if matrix is not None:
+                if func is F.linear:
+                    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                else:
+                    bias = None
+                    if (args[3] if len(args) > 3 else kwargs.get("max_norm")) is not None:
+                        self.refuse(weight, "F.embedding with max_norm (it rewrites the rows it reads)")
+                return matrix.add_to(func, args[0], func(*args, **kwargs), bias)
+        elif func not in METADATA and getattr(func, "__self__", None) not in METADATA_PROPERTIES:
+            for value in itertools.chain(args, kwargs.values()):
+                if id(value) in self.matrices:
+                    self.refuse(value, getattr(func, "__name__", str(func)))
+        return func(*args, **kwargs)
+
+    def refuse(self, weight, reader):
+        name = self.names.get(id(weight), f"a {tuple(weight.shape)} matrix")
+        raise UsageError(
+            f"--trainer LOZO cannot train {name}: {type(self.module).__name__} reads it with {reader}, "
+            "and LOZO adds its low-rank perturbation to linear and embedding reads only; freeze it or use "
+            "--trainer zo"
+        )
 
 
 class ZOOptimizer(torch.optim.Optimizer):
@@ -65,10 +282,9 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     Protocol for one optimisation step (what `LowRankTrainer.training_step` does):
         begin_step(); move_to(+1); L+ = loss; move_to(-1); L- = loss; set_projected_grad((L+ - L-) / 2ε)
-        step()  # from θ - εZ: restore and update, one pass over each weight
-    With `lookahead`, step() also moves on to θ' + εZ' of the next step in that same pass, so the next
-    move_to(+1) is free: two passes over the weights per step instead of three. settle() returns to θ'
-    wherever the weights are read (evaluation, checkpoints, the end of training).
+        step()  # the update; the model is back at θ (position 0)
+    LOZO matrices reach the model through `attach(model)`; `settle()` writes everything into the parameters
+    (before checkpoints), `release()` also detaches (the end of training).
     """
 
     def __init__(
@@ -82,21 +298,45 @@ class ZOOptimizer(torch.optim.Optimizer):
         step_interval=50,
         momentum=None,
         weight_decay=0.0,
-        lookahead=False,
+        in_place=False,
+        merge_periods=8,
+        names=None,
     ):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
-        self.eps, self.seed, self.low_rank, self.lookahead = eps, seed, low_rank, lookahead
-        self.rank, self.step_interval, self.beta = rank, step_interval, momentum
+        self.eps, self.seed, self.low_rank, self.in_place = eps, seed, low_rank, in_place
+        self.rank, self.step_interval, self.beta, self.merge_periods = (
+            rank,
+            step_interval,
+            momentum,
+            merge_periods,
+        )
         self.tensors = [(i, p) for i, p in enumerate(p for g in self.param_groups for p in g["params"])]
         self.index = {id(p): i for i, p in self.tensors}
+        self.names = names or {}
         self.zo_step = 0  # optimisation steps taken: selects Z and the V period
         self.skipped = 0  # steps whose losses were not finite
         self.projected_grad = None
-        self.V = {}  # tensor index -> V (n×r, float32), current period
-        self.V_previous = {}  # during a step that redrew V: the V it replaced (LOZO-M carries momentum over)
-        self.momentum = {}  # tensor index -> N (m×r) for low-rank tensors, dense momentum otherwise (float32)
-        self._begun = None  # the step begin_step() last prepared (it must not redraw V twice)
-        self.position = 0  # the weights are at θ + position·εZ of the current step
+        self.position = 0  # the model computes with θ + position·εZ of the current step
+        self.momentum = {}  # tensor index -> N (m×r) for LOZO matrices, dense momentum otherwise (float32)
+        self.matrices = {
+            i: LowRankMatrix(p, rank, eps, merge_periods)
+            for i, p in self.tensors
+            if low_rank and p.dim() == 2
+        }
+        self.masters = {}  # tensor index -> float32 master copy: all but the matrices, unless in_place
+        self.model, self.hooks = None, []
+        self._acquire()
+
+    def _acquire(self):
+        self.released = False
+        if not self.in_place:
+            self.masters = {
+                i: p.detach().to(torch.promote_types(p.dtype, torch.float32), copy=True)
+                for i, p in self.tensors
+                if i not in self.matrices
+            }
+        if self.model is not None and not self.hooks:
+            self.attach(self.model)
 
     def settings(self):
         """What a checkpoint must agree on to resume this run."""
@@ -107,135 +347,170 @@ class ZOOptimizer(torch.optim.Optimizer):
             "momentum": self.beta,
             "eps": self.eps,
             "seed": self.seed,
+            "in_place": self.in_place,
+            "merge_periods": self.merge_periods,
         }
 
-    def is_low_rank(self, param):
-        return self.low_rank and param.dim() == 2
-
-    def begin_step(self):
-        """Redraw V at steps 0, ν, 2ν, …, keeping the old V for LOZO-M's carry-over."""
-        if self._begun == self.zo_step:
+    def attach(self, model):
+        """Hook every module of `model` that owns LOZO matrices: its forward adds their low-rank part."""
+        self.model = model
+        if self.hooks or not self.matrices:
             return
-        self._begun = self.zo_step
-        self.V_previous = {}
-        if not self.low_rank or self.zo_step % self.step_interval:
-            return
-        period = self.zo_step // self.step_interval
-        self.V = dict(self.V)  # a new dict: a step in progress keeps its own V (see step())
-        for i, p in self.tensors:
-            if self.is_low_rank(p):
-                if i in self.V:
-                    self.V_previous[i] = self.V[i]
-                self.V[i] = gaussian(
-                    (p.shape[1], self.rank), stream_seed(self.seed, V_STREAM, period, i), p.device
-                )
+        by_id = {id(matrix.param): matrix for matrix in self.matrices.values()}
+        for module in model.modules():
+            own = {id(p): by_id[id(p)] for p in module.parameters(recurse=False) if id(p) in by_id}
+            if own:
+                side_path = SidePath(module, own, self.names)
+                self.hooks.append(module.register_forward_pre_hook(side_path.enter))
+                self.hooks.append(module.register_forward_hook(side_path.leave, always_call=True))
 
     def _seed(self, i, step=None):
         """Seed of tensor i's U or dense z at `step` (default: the current step)."""
         return stream_seed(self.seed, U_STREAM, self.zo_step if step is None else step, i)
 
-    def _U(self, i, p, step=None):
-        return gaussian((p.shape[0], self.rank), self._seed(i, step), p.device)
+    def _rounding(self, i):
+        return seeded_generator(
+            stream_seed(self.seed, ROUNDING_STREAM, self.zo_step, i), self.tensors[i][1].device
+        )
+
+    def begin_step(self):
+        """This step's directions: U of every matrix, and at steps 0, ν, 2ν, … a new V."""
+        if self.released:
+            self._acquire()
+        if self.zo_step % self.step_interval == 0:
+            period = self.zo_step // self.step_interval
+            for i, matrix in self.matrices.items():
+                n = matrix.param.shape[1]
+                V = gaussian((n, self.rank), stream_seed(self.seed, V_STREAM, period, i), matrix.param.device)
+                previous = matrix.V
+                matrix.begin_period(V)
+                if i in self.momentum:  # LOZO-M: the momentum carried into the new V's basis
+                    self.momentum[i] = self.momentum[i] @ (previous.T @ matrix.V) / n
+                if matrix.periods >= self.merge_periods:
+                    matrix.merge(self._rounding(i), current=False)
+        for i, matrix in self.matrices.items():
+            U = gaussian((matrix.param.shape[0], self.rank), self._seed(i), matrix.param.device)
+            matrix.U = U.to(matrix.exact_dtype)
 
     @torch.no_grad()
-    def perturb(self, scale):
-        """θ += scale·ε·Z for this step's Z."""
-        alpha = scale * self.eps
-        for i, p in self.tensors:
-            if self.is_low_rank(p):
-                p.data.addmm_(self._U(i, p).to(p.dtype), self.V[i].T.to(p.dtype), alpha=alpha)
-            else:
-                for part, z in dense_noise(p, self._seed(i)):
-                    part.add_(z, alpha=alpha)
-        self.position += scale
-
     def move_to(self, position):
-        """Put the weights at θ + position·εZ of this step (nothing to do if they are there already)."""
-        if position != self.position:
-            self.perturb(position - self.position)
-
-    def settle(self):
-        """Weights back at θ: undo a look-ahead perturbation before anything reads them."""
-        if self.position is None:  # a step failed half-way: no single perturbation would restore θ
-            logger.warning("a zeroth-order step was interrupted mid-update: the weights are not restorable")
+        """Make the model compute with θ + position·εZ of this step."""
+        if position == self.position:
             return
-        self.move_to(0)
+        if self.position is None and self.in_place:  # a step failed half-way through the weights
+            logger.warning("a zeroth-order step was interrupted mid-update: the weights are not restorable")
+        delta = None if self.position is None else position - self.position
+        for i, p in self.tensors:
+            if i in self.matrices:
+                self.matrices[i].move_to(position)
+            elif i in self.masters:
+                self._write_from_master(i, p, position)
+            elif delta:  # MeZO in place: every move rounds
+                for start, z in dense_noise(p.numel(), self._seed(i), p.device):
+                    p.data.view(-1)[start : start + len(z)].add_(z, alpha=delta * self.eps)
+        self.position = position
+
+    def _write_from_master(self, i, p, position):
+        """p ← master + position·εz, rounded to p's dtype once."""
+        master, flat = self.masters[i].view(-1), p.data.view(-1)
+        if position == 0:
+            flat.copy_(master)
+            return
+        for start, z in dense_noise(p.numel(), self._seed(i), p.device):
+            end = start + len(z)
+            flat[start:end].copy_(torch.add(master[start:end], z, alpha=position * self.eps))
 
     def set_projected_grad(self, projected_grad):
         self.projected_grad = projected_grad
 
     @torch.no_grad()
     def step(self, closure=None):
-        """From θ + position·εZ (θ − εZ after the two losses) restore θ and apply W ← W − η(g·Z + λW)
-        (LOZO-M: W − η(N·Vᵀ + λW)), and with look-ahead add the next step's εZ', in one pass."""
+        """W ← W − η(g·Z + λW) (LOZO-M: W − η(N·Vᵀ + λW)) for every tensor; the model ends at θ."""
         g = self.projected_grad
         if g is None:
             raise RuntimeError("ZOOptimizer.step() needs set_projected_grad() first")
         finite = math.isfinite(g)
         if not finite:
             self.skipped += 1
-        restore, self.position = -self.position, None  # None until every tensor is updated (see settle())
-        this_V, carried_V = self.V, self.V_previous  # this step's V, and on a redraw step the one it replaced
-        step = self.zo_step
-        self.zo_step += 1
-        self.projected_grad = None
-        self.V_previous = {}
-        if self.lookahead:
-            self.begin_step()  # the next step's Z: may redraw V (into a new dict; this step keeps this_V)
+            g = 0.0
+        restore, self.position = -self.position, None  # None until every tensor is updated (see move_to)
         # The groups are read now: the lr scheduler (and load_state_dict) replace their values.
         for group in self.param_groups:
-            lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
-            if not finite:  # only undo the perturbation
-                lr, decay, g = 0.0, 1.0, 0.0
+            lr, decay = (group["lr"], 1.0 - group["lr"] * group["weight_decay"]) if finite else (0.0, 1.0)
             for p in group["params"]:
                 i = self.index[id(p)]
-                if self.is_low_rank(p):
-                    U = self._U(i, p, step)
-                    self._step_low_rank(i, p, U, this_V[i], carried_V.get(i), g, lr, decay, restore, finite)
+                if i in self.matrices:
+                    matrix = self.matrices[i]
+                    matrix.update(self._low_rank_direction(i, g * matrix.U, finite), lr, decay)
                 else:
-                    self._step_dense(i, p, self._seed(i, step), g, lr, decay, restore, finite)
-        self.position = 1 if self.lookahead else 0
+                    self._step_dense(i, p, g, lr, decay, restore, finite)
+        self.zo_step += 1
+        self.projected_grad = None
+        self.position = 0
 
-    def _step_low_rank(self, i, p, U, V, V_replaced, g, lr, decay, restore, finite):
-        """W ← decay·(W + restore·εUVᵀ) − η(gU or N)Vᵀ [+ εU'V'ᵀ]: one addmm_, rank r (2r with look-ahead)."""
+    def _low_rank_direction(self, i, gU, finite):
+        """g·U, or for LOZO-M the momentum N ← βN + (1−β)·g·U."""
         if self.beta is None:
-            left = (decay * restore * self.eps - lr * g) * U
-        else:
-            N = self.momentum.get(i)
-            if N is not None and V_replaced is not None:  # express N in the new V's basis
-                N = N @ (V_replaced.T @ V) / p.shape[1]
-            if finite:
-                N = (1 - self.beta) * g * U if N is None else self.beta * N + (1 - self.beta) * g * U
-            if N is not None:
-                self.momentum[i] = N
-            left = decay * restore * self.eps * U - (0 if N is None else lr * N)
-        right = V
-        if self.lookahead:
-            left = torch.cat([left, self.eps * self._U(i, p)], dim=1)
-            right = torch.cat([V, self.V[i]], dim=1)
-        p.data.addmm_(left.to(p.dtype), right.T.to(p.dtype), beta=decay)
+            return gU
+        N = self.momentum.get(i)
+        if finite:
+            N = (1 - self.beta) * gU if N is None else self.beta * N + (1 - self.beta) * gU
+            self.momentum[i] = N
+        return torch.zeros_like(gU) if N is None else N
 
-    def _step_dense(self, i, p, seed, g, lr, decay, restore, finite):
+    def _step_dense(self, i, p, g, lr, decay, restore, finite):
+        """One pass: from θ + (−restore)·εz (in place) or from the master, W ← decay·W − η(g·z or m)."""
         if self.beta is not None and i not in self.momentum and finite:
             self.momentum[i] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
         momentum = self.momentum.get(i)  # only LOZO-M / MeZO with momentum keep any
-        flat_momentum = momentum.view(-1) if momentum is not None else None
-        upcoming = dense_noise(p, self._seed(i)) if self.lookahead else itertools.repeat((None, None))
-        start = 0
-        for (part, z), (_, z_next) in zip(dense_noise(p, seed), upcoming, strict=False):
+        master = self.masters.get(i)
+        weights = (p.data if master is None else master).view(-1)
+        back = decay * restore * self.eps if master is None else 0.0  # in place: undo the perturbation too
+        for start, z in dense_noise(p.numel(), self._seed(i, self.zo_step), p.device):
+            w = weights[start : start + len(z)]
             if decay != 1.0:
-                part.mul_(decay)
+                w.mul_(decay)
             if momentum is None:
-                part.add_(z, alpha=decay * restore * self.eps - lr * g)
+                w.add_(z, alpha=back - lr * g)
             else:
-                part.add_(z, alpha=decay * restore * self.eps)
+                m = momentum.view(-1)[start : start + len(z)]
                 if finite:
-                    m = flat_momentum[start : start + part.numel()]
-                    m.mul_(self.beta).add_(z.float(), alpha=(1 - self.beta) * g)
-                    part.add_(m.to(p.dtype), alpha=-lr)
-            if z_next is not None:
-                part.add_(z_next, alpha=self.eps)
-            start += part.numel()
+                    m.mul_(self.beta).add_(z, alpha=(1 - self.beta) * g)
+                if back:
+                    w.add_(z, alpha=back)
+                w.add_(m, alpha=-lr)
+            if master is not None:
+                p.data.view(-1)[start : start + len(z)].copy_(w)
+
+    @torch.no_grad()
+    def settle(self):
+        """Make the parameters themselves hold θ, as a checkpoint needs: position 0, and every matrix's
+        low-rank factors merged into its weights."""
+        if self.released:
+            return
+        self.move_to(0)
+        for i, matrix in self.matrices.items():
+            matrix.merge(self._rounding(i), current=True)
+
+    def release(self):
+        """settle(), then leave the model alone (the end of training; HF may load the best checkpoint next).
+        begin_step() takes the parameters up again."""
+        self.settle()
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks, self.masters, self.released = [], {}, True
+
+    def effective_weight(self, p):
+        """θ + position·εZ of tensor p in float32, as the model computes with it (tests and benchmarks)."""
+        i = self.index[id(p)]
+        if i in self.matrices:
+            return self.matrices[i].effective()
+        weight = self.masters[i] if i in self.masters else p.detach()
+        weight = weight.to(torch.promote_types(weight.dtype, torch.float32), copy=True)
+        if i in self.masters and self.position:
+            z = torch.cat([z.clone() for _, z in dense_noise(p.numel(), self._seed(i), p.device)])
+            weight.add_(z.view(p.shape), alpha=self.position * self.eps)
+        return weight
 
     def state_dict(self):
         state = super().state_dict()
@@ -243,11 +518,12 @@ class ZOOptimizer(torch.optim.Optimizer):
             "settings": self.settings(),
             "step": self.zo_step,
             "skipped": self.skipped,
-            "V": {i: v.cpu() for i, v in self.V.items()},
+            "matrices": {i: matrix.state() for i, matrix in self.matrices.items()},
             "momentum": {i: m.cpu() for i, m in self.momentum.items()},
-            # A look-ahead may have prepared the next step already (and redrawn V): resume exactly there.
-            "V_previous": {i: v.cpu() for i, v in self.V_previous.items()},
-            "begun": self._begun,
+            # A float32 master holds bits its half-precision weights do not: resuming exactly needs them.
+            "masters": {
+                i: m.cpu() for i, m in self.masters.items() if self.tensors[i][1].dtype != torch.float32
+            },
             "position": self.position,
         }
         return state
@@ -264,13 +540,19 @@ class ZOOptimizer(torch.optim.Optimizer):
         if changed:
             raise UsageError(f"the checkpoint was trained with other settings (checkpoint, now): {changed}")
         super().load_state_dict(state_dict)
-        devices = {i: p.device for i, p in self.tensors}
+        device = {i: p.device for i, p in self.tensors}
         self.zo_step, self.skipped = zo["step"], zo["skipped"]
-        self.V = {int(i): v.to(devices[int(i)]) for i, v in zo["V"].items()}
-        self.momentum = {int(i): m.to(devices[int(i)]) for i, m in zo["momentum"].items()}
-        # Checkpoints from before look-ahead lack these: they were saved with nothing prepared ahead.
-        self.V_previous = {int(i): v.to(devices[int(i)]) for i, v in zo.get("V_previous", {}).items()}
-        self._begun, self.position = zo.get("begun"), zo.get("position", 0)
+        self.momentum = {int(i): m.to(device[int(i)]) for i, m in zo["momentum"].items()}
+        for i, master in zo.get("masters", {}).items():
+            self.masters[int(i)].copy_(master)
+        if "matrices" in zo:
+            for i, matrix_state in zo["matrices"].items():
+                self.matrices[int(i)].load(matrix_state)
+        else:  # written before the low-rank side path: weights at θ, V of the period (the one a look-ahead
+            # may have replaced already is V_previous), nothing unmerged
+            for i, V in zo["V"].items():
+                self.matrices[int(i)].right[: self.rank] = zo.get("V_previous", {}).get(i, V).T
+        self.move_to(zo.get("position", 0))
 
 
 class SaveOnInterruptCallback(TrainerCallback):
@@ -349,12 +631,15 @@ class LowRankTrainer(Trainer):
                     rank=args.rank_r,
                     step_interval=args.step_interval,
                     momentum=args.beta1 if lozo and args.lozo_optimizer == "sgdm" else None,
-                    lookahead=True,
+                    in_place=args.zo_in_place,
+                    merge_periods=args.merge_periods,
+                    names={id(p): n for n, p in (model or self.model).named_parameters()},
                 ),
             )
         optimizer = super().create_optimizer(model)
         if isinstance(optimizer, ZOOptimizer):
             self.zo_optimizer = optimizer
+            optimizer.attach(model or self.model)
         return optimizer
 
     # ---- losses ----
@@ -427,46 +712,40 @@ class LowRankTrainer(Trainer):
         return torch.tensor(step_loss / self.current_gradient_accumulation_steps, device=self.args.device)
 
     def two_point_losses(self, model, inputs):
-        """L(θ+εZ) and L(θ−εZ) as (sum, sum, items); the weights stay at θ−εZ. If anything fails in
-        between (out of memory, Ctrl-C), θ is restored before the error propagates."""
+        """L(θ+εZ) and L(θ−εZ) as (sum, sum, items); the model stays at θ−εZ. If anything fails in
+        between (out of memory, Ctrl-C), it is put back at θ before the error propagates."""
         optimizer = self.zo_optimizer
         try:
-            optimizer.move_to(+1)  # already there when the previous step looked ahead
+            optimizer.move_to(+1)
             loss_plus, count = self.loss_sum(model, inputs)
             optimizer.move_to(-1)
             loss_minus, _ = self.loss_sum(model, inputs)
         except BaseException:
-            optimizer.settle()
+            optimizer.move_to(0)
             self._micro_batches = 0
             raise
         return loss_plus, loss_minus, count
 
-    # The weights sit at θ + εZ of the next step between steps (look-ahead): settle them wherever they are
-    # read — evaluation, checkpoints, the end of training (before HF may load the best checkpoint).
-
-    def settle(self):
-        if self.zo_optimizer is not None:
-            self.zo_optimizer.settle()
-
-    def _maybe_log_save_evaluate(self, *args, **kwargs):
-        control = self.control
-        if control.should_evaluate or control.should_save or control.should_training_stop:
-            self.settle()
-        return super()._maybe_log_save_evaluate(*args, **kwargs)
+    # Between steps the model computes with θ, but a LOZO matrix's recent updates live in its low-rank
+    # factors: a checkpoint first writes them into the weights (settle), and the end of training also
+    # detaches the optimizer from the model (release) before HF may load the best checkpoint.
 
     def _save_checkpoint(self, *args, **kwargs):
-        self.settle()
+        if self.zo_optimizer is not None:
+            self.zo_optimizer.settle()
         return super()._save_checkpoint(*args, **kwargs)
 
     def _finalize_training(self, *args, **kwargs):
-        self.settle()  # before HF loads the best checkpoint and callbacks see the end of training
+        if self.zo_optimizer is not None:
+            self.zo_optimizer.release()
         return super()._finalize_training(*args, **kwargs)
 
     def train(self, *args, **kwargs):
         try:
             return super().train(*args, **kwargs)
-        finally:  # an exception between steps (Ctrl-C) must not leave the model perturbed
-            self.settle()
+        finally:  # also after an exception between steps (Ctrl-C): the model holds θ, unhooked
+            if self.zo_optimizer is not None:
+                self.zo_optimizer.release()
             self._micro_batches = 0
 
     def _load_optimizer_and_scheduler(self, checkpoint):
@@ -510,7 +789,8 @@ class LowRankTrainer(Trainer):
     # ---- evaluation during training: the task metric on the dev samples ----
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        self.settle()
+        # The model computes with θ here (the hooks add the low-rank factors); nothing is merged, so how
+        # often a run evaluates does not change its trajectory.
         if self.evaluate_func is None:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in self.evaluate_func().items()}

@@ -38,6 +38,7 @@ from utils import (
     Prediction,
     UsageError,
     accepts_logits_to_keep,
+    cpu_lacks_fast_matmul,
     encode_prompt,
     target_log_probs,
     target_logits,
@@ -92,6 +93,22 @@ class OurArguments(TrainingArguments):
     step_interval: int = 50  # LOZO ν: V is redrawn every ν steps
     lozo_optimizer: str = field(default="sgd", metadata={"help": "sgd (LOZO) or sgdm (LOZO-M)"})
     beta1: float = 0.9  # LOZO-M momentum
+    merge_periods: int = field(
+        default=8,
+        metadata={
+            "help": "LOZO: a matrix's updates stay as float32 low-rank factors beside its weights for this "
+            "many V periods, then are written into them at once (rounded once: stochastically in half "
+            "precision)"
+        },
+    )
+    zo_in_place: bool = field(
+        default=False,
+        metadata={
+            "help": "MeZO: perturb and update the weights in place as MeZO's code does (inference memory, "
+            "but every perturbation rounds and the weights drift); by default a float32 master copy of the "
+            "weights makes it exact"
+        },
+    )
 
     # generation
     sampling: bool = False
@@ -162,6 +179,12 @@ def validate_arguments(args):
         (args.step_interval >= 1, f"--step_interval must be >= 1, got {args.step_interval}"),
         (args.zo_eps > 0, f"--zo_eps must be > 0, got {args.zo_eps}"),
         (0 <= args.beta1 < 1, f"--beta1 must be in [0, 1), got {args.beta1}"),
+        (args.merge_periods >= 1, f"--merge_periods must be >= 1, got {args.merge_periods}"),
+        (
+            not (args.zo_in_place and args.trainer != "zo"),
+            "--zo_in_place is MeZO's arithmetic (--trainer zo); LOZO never writes perturbations into its "
+            "matrices",
+        ),
         (
             args.lozo_optimizer in LOZO_OPTIMIZERS,
             f"unknown --lozo_optimizer {args.lozo_optimizer!r}; use one of: {', '.join(LOZO_OPTIMIZERS)}",
@@ -219,7 +242,7 @@ def validate_arguments(args):
 
 def warn_ignored_settings(args):
     """LOZO's own settings mean nothing to the other trainers: say so rather than ignore them silently."""
-    lozo_only = {"rank_r": 2, "step_interval": 50, "lozo_optimizer": "sgd", "beta1": 0.9}
+    lozo_only = {"rank_r": 2, "step_interval": 50, "lozo_optimizer": "sgd", "beta1": 0.9, "merge_periods": 8}
     changed = [f"--{name}" for name, default in lozo_only.items() if getattr(args, name) != default]
     if changed and args.trainer != "LOZO":
         logger.warning(
@@ -293,11 +316,15 @@ def result_file_tag(args):
 
 
 def pick_dtype(args):
-    wanted = torch.float16 if args.load_float16 else torch.bfloat16 if args.load_bfloat16 else torch.float32
-    if wanted != torch.float32 and not torch.cuda.is_available():
-        logger.warning("no GPU: loading %s in float32 instead of %s", args.model_name, wanted)
-        return torch.float32
-    return wanted
+    dtype = torch.float16 if args.load_float16 else torch.bfloat16 if args.load_bfloat16 else torch.float32
+    if dtype != torch.float32 and not torch.cuda.is_available() and cpu_lacks_fast_matmul(dtype):
+        logger.warning(
+            "this CPU has no %s matrix instructions: %s runs several times slower than float32 here%s",
+            str(dtype).removeprefix("torch."),
+            str(dtype).removeprefix("torch."),
+            "; --load_bfloat16 is fast on it" if not cpu_lacks_fast_matmul(torch.bfloat16) else "",
+        )
+    return dtype
 
 
 def load_model(args):

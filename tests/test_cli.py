@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import run_lozo
 import tasks
+import utils
 from LOZOtrainer import ZOOptimizer
 from metrics import calculate_metric
 from utils import encode_prompt
@@ -296,6 +297,11 @@ BAD_INPUTS = {
     "step-interval-0": (["--step_interval", "0"], ["--step_interval"]),
     "zo-eps-0": (["--zo_eps", "0"], ["--zo_eps"]),
     "beta1-1": (["--beta1", "1.0"], ["--beta1"]),
+    "merge-periods-0": (["--merge_periods", "0"], ["--merge_periods"]),
+    "in-place-lozo": (
+        ["--trainer", "LOZO", "--zo_in_place", "--train_set_seed", "0"],
+        ["--zo_in_place", "--trainer zo"],
+    ),
     "unknown-lozo-optimizer": (["--lozo_optimizer", "adam"], ["--lozo_optimizer", "adam"]),
     "non-diff-on-sst2": (["--non_diff", "--trainer", "zo"], ["--non_diff", "SST2"]),
     "classification-on-squad": (
@@ -503,21 +509,38 @@ def test_training_end_to_end(case, cli, trainings, tmp_path, tiny_opt_dir):
     assert len({tuple(t.encode(" great", add_special_tokens=False)) for t in tokenizers}) == 1
 
 
-def test_half_precision_request_falls_back_to_float32_on_cpu(cli, caplog, tmp_path, tiny_opt_dir):
-    if torch.cuda.is_available():
-        pytest.skip("the fallback is for CPU-only machines")
+HALF_FLAGS = [("--load_bfloat16", torch.bfloat16), ("--load_float16", torch.float16)]
+
+
+@pytest.mark.parametrize(("flag", "dtype"), HALF_FLAGS)
+@pytest.mark.parametrize("fast", [True, False])
+def test_half_precision_loads_as_asked_and_warns_once_where_it_is_slow(
+    flag, dtype, fast, cli, caplog, tiny_opt_dir
+):
+    """No silent float32: the weights are in the asked dtype; a CPU without that dtype's matrix instructions
+    (read from /proc/cpuinfo, simulated here both ways) gets one warning line."""
     loaded = []
     original = run_lozo.load_model
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(run_lozo, "load_model", lambda args: loaded.append(original(args)) or loaded[-1])
+        patch.setattr(run_lozo, "cpu_lacks_fast_matmul", lambda wanted: not fast)
         with caplog.at_level(logging.WARNING):
-            assert (
-                cli("--task_name", "SST2", "--model_name", tiny_opt_dir, "--num_eval", 2, "--load_float16")
-                == 0
-            )
-    assert loaded[0].dtype == torch.float32
-    warnings = [r.getMessage() for r in caplog.records if "no GPU" in r.getMessage()]
-    assert len(warnings) == 1 and "float32" in warnings[0] and "\n" not in warnings[0]
+            assert cli("--task_name", "SST2", "--model_name", tiny_opt_dir, "--num_eval", 2, flag) == 0
+    assert {p.dtype for p in loaded[0].parameters()} == {dtype}
+    warnings = [r.getMessage() for r in caplog.records if "matrix instructions" in r.getMessage()]
+    if fast or torch.cuda.is_available():
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and str(dtype).removeprefix("torch.") in warnings[0]
+
+
+def test_cpu_flags_decide_which_half_precision_is_slow(monkeypatch):
+    monkeypatch.setattr(utils, "cpu_flags", lambda: ["sse2", "avx512f", "avx512_bf16"])
+    assert not utils.cpu_lacks_fast_matmul(torch.bfloat16) and utils.cpu_lacks_fast_matmul(torch.float16)
+    monkeypatch.setattr(utils, "cpu_flags", lambda: ["amx_bf16", "amx_fp16"])
+    assert not utils.cpu_lacks_fast_matmul(torch.float16)
+    monkeypatch.setattr(utils, "cpu_flags", lambda: None)  # unknown (no /proc/cpuinfo): no warning
+    assert not utils.cpu_lacks_fast_matmul(torch.float16)
 
 
 def test_int8_without_a_gpu_is_a_one_line_error(cli, capsys, tmp_path, tiny_opt_dir):
