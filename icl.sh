@@ -4,13 +4,8 @@
 #   MODEL=facebook/opt-13b TASK=SST2 bash icl.sh --sfc
 set -euo pipefail
 cd "$(dirname "$0")"
-MODEL=${MODEL:-facebook/opt-13b}
-TASK=${TASK:-SST2}
 TRAIN=${TRAIN:-32}
-EVAL=${EVAL:-1000}
-PRECISION=${PRECISION:---load_float16}
-MODEL_NAME=${MODEL%/}
-MODEL_NAME=${MODEL_NAME##*/}
+source ./launch_common.sh # MODEL, TASK, EVAL, PRECISION and the model's short name
 TAG=${TAG:-icl}
 
 python run_lozo.py \

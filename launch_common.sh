@@ -9,7 +9,15 @@ TRAIN=${TRAIN:-1000}
 EVAL=${EVAL:-1000}
 STEPS=${STEPS:-20000}
 EVAL_STEPS=${EVAL_STEPS:-4000}
-PRECISION=${PRECISION---load_float16} # fp16 weights where a GPU supports them (float32 on CPU)
+# Weight dtype: MeZO's fp16 on a GPU, bf16 without one (fp16 matrix products are slow on most CPUs).
+# PRECISION=--load_float16, --load_bfloat16 or "" (float32) chooses.
+if [ -z "${PRECISION+set}" ]; then
+    if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+        PRECISION=--load_float16
+    else
+        PRECISION=--load_bfloat16
+    fi
+fi
 MODEL_NAME=${MODEL%/}
 MODEL_NAME=${MODEL_NAME##*/}
 

@@ -3,6 +3,7 @@ learning rates, and the optimizer's extra memory, for LOZO, LOZO-M and MeZO in e
 
     python bench/half_precision.py record   # 100 real projected gradients: SmolLM2-135M, SST-2, LOZO, float32
     python bench/half_precision.py          # the table of the README's "Half precision" section
+    python bench/half_precision.py drift --device cuda   # the drift rows alone, on a GPU
 
 The replay runs the project's `ZOOptimizer` (no forward passes: at a given projected gradient the update
 does not depend on them) over every tensor of a few SmolLM2 decoder layers (`--layers`), real weights:
@@ -11,7 +12,9 @@ does not depend on them) over every tensor of a few SmolLM2 decoder layers (`--l
   whether every weight is bit-identical;
 * update error: the recorded projected gradients replayed (cycled past 100) at lr 2e-5, 1e-6 and 1e-7:
   ‖ΔW_dtype − ΔW_float32‖ / ‖ΔW_float32‖, ΔW being the change of the weights the model computes with
-  (`ZOOptimizer.effective_weight`), against the same method and mode in float32;
+  (`ZOOptimizer.effective_weight`), against the same method and mode in float32 — and in brackets the
+  fraction of ΔW_float32 that ΔW keeps, ⟨ΔW, ΔW_float32⟩ / ‖ΔW_float32‖²: rounding to nearest loses
+  small updates (kept < 1), stochastic rounding keeps them in expectation at the price of noise;
 * extra memory: the optimizer's largest state over the run (float32 masters, LOZO's factors, momentum),
   as a fraction of the weights' own bytes in that dtype.
 
@@ -149,9 +152,11 @@ def drift(weights, method, mode, dtype):
 
 
 def update_error(weights, method, mode, dtype, lr, grads, steps, reference):
+    """(‖ΔW − ΔW_float32‖ / ‖ΔW_float32‖, the fraction of ΔW_float32 that ΔW contains, extra memory)."""
     start, end, _, memory = replay(weights, method, mode, dtype, lr, grads, steps)
     change = difference(end, start)
-    return norm(difference(change, reference)) / norm(reference), memory
+    dot = sum((a.double() * b.double()).sum() for a, b in zip(change, reference, strict=True)).item()
+    return norm(difference(change, reference)) / norm(reference), dot / norm(reference) ** 2, memory
 
 
 def load_weights(model, layers):
@@ -164,51 +169,57 @@ def load_weights(model, layers):
 
 def measure(opts):
     grads = json.loads(Path(opts.grads).read_text())["projected_grads"]
-    weights = load_weights(opts.model, [int(x) for x in opts.layers.split(",")])
-    print(
-        f"{sum(w.numel() for w in weights) / 1e6:.1f}M weights, {len(grads)} recorded gradients",
-        file=sys.stderr,
-    )
+    weights = [w.to(opts.device) for w in load_weights(opts.model, [int(x) for x in opts.layers.split(",")])]
+    print(f"{sum(w.numel() for w in weights) / 1e6:.1f}M weights, {len(grads)} gradients", file=sys.stderr)
     rows = []
     for method in METHODS:
         for mode in ("exact", "in-place"):
             references = {}
             for dtype_name in DTYPES:
                 dtype, began = getattr(torch, dtype_name), time.time()
-                row = {"method": method, "mode": mode, "dtype": dtype_name} | drift(
-                    weights, method, mode, dtype
-                )
-                for lr in LRS:
-                    for steps in (100, 1000) if method != "MeZO" else (100,):
+                row = {"method": method, "mode": mode, "dtype": dtype_name}
+                row |= drift(weights, method, mode, dtype)
+                for lr in LRS if opts.command == "measure" else ():
+                    for steps in (
+                        (100, 1000) if method != "MeZO" else (100,)
+                    ):  # MeZO: 3 draws of all weights a step
                         if dtype == torch.float32:
                             start, end, _, _ = replay(weights, method, mode, dtype, lr, grads, steps)
                             references[lr, steps] = difference(end, start)
-                        error, memory = update_error(
+                        error, kept, memory = update_error(
                             weights, method, mode, dtype, lr, grads, steps, references[lr, steps]
                         )
-                        row[f"error_lr{lr:g}_{steps}"] = error
+                        row[f"error_lr{lr:g}_{steps}"], row[f"kept_lr{lr:g}_{steps}"] = error, kept
                         row["extra_memory"] = max(row["extra_memory"], memory)
                 rows.append(row)
                 print(f"  {method} {mode} {dtype_name}: {time.time() - began:.0f} s", file=sys.stderr)
-    return {"model": opts.model, "layers": opts.layers, "eps": EPS, "drift_steps": DRIFT_STEPS, "rows": rows}
+    return {
+        "model": opts.model,
+        "layers": opts.layers,
+        "device": opts.device,
+        "eps": EPS,
+        "drift_steps": DRIFT_STEPS,
+        "rows": rows,
+    }
+
+
+def cell(row, key):
+    at_100, at_1000 = row.get(f"{key}_100"), row.get(f"{key}_1000")
+    if at_100 is None:
+        return "—"
+    return f"{at_100:.2g} / " + ("—" if at_1000 is None else f"{at_1000:.2g}")
 
 
 def table(report):
+    lrs = [lr for lr in LRS if f"error_lr{lr:g}_100" in report["rows"][0]]
     header = "| method | mode | dtype | drift, 300 steps at lr 0 | bit-identical | "
-    header += " | ".join(f"error lr {lr:g}, 100 / 1000 steps" for lr in LRS) + " | extra memory |"
-    lines = [header, "|" + "---|" * (6 + len(LRS))]
+    header += "".join(f"error (kept) lr {lr:g}, 100 / 1000 steps | " for lr in lrs) + "extra memory |"
+    lines = [header, "|" + "---|" * (6 + len(lrs))]
     for row in report["rows"]:
-        errors = []
-        for lr in LRS:
-            at_1000 = row.get(f"error_lr{lr:g}_1000")
-            errors.append(
-                f"{row[f'error_lr{lr:g}_100']:.3g} / " + ("—" if at_1000 is None else f"{at_1000:.3g}")
-            )
+        errors = "".join(f"{cell(row, f'error_lr{lr:g}')} ({cell(row, f'kept_lr{lr:g}')}) | " for lr in lrs)
         lines.append(
             f"| {row['method']} | {row['mode']} | {row['dtype']} | {row['drift']:.2g} | "
-            f"{'yes' if row['bit_identical'] else 'no'} | "
-            + " | ".join(errors)
-            + f" | {row['extra_memory']:.1%} |"
+            f"{'yes' if row['bit_identical'] else 'no'} | {errors}{row['extra_memory']:.1%} |"
         )
     return "\n".join(lines)
 
@@ -246,7 +257,8 @@ def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", nargs="?", choices=["measure", "record"], default="measure")
+    parser.add_argument("command", nargs="?", choices=["measure", "drift", "record"], default="measure")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--model", default=str(REPO / "models" / "SmolLM2-135M"))
     parser.add_argument("--layers", default="0,29", help="decoder layers whose tensors are replayed")
     parser.add_argument("--grads", default=str(GRADS), help="recorded projected gradients (JSON)")

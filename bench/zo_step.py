@@ -1,19 +1,25 @@
 """Cost of one training step against the floor of two forward passes, and its peak memory.
 
-    python bench/zo_step.py --model models/SmolLM2-135M --batch 16 --seq 64
+    python bench/zo_step.py --model models/SmolLM2-135M --batch 16 --seq 40 --dtype bfloat16
     python bench/zo_step.py --model shape:opt-125m --device cuda --dtype float16
+
+Methods (--methods, comma-separated): forward, LOZO, LOZO-M, MeZO, MeZO-in-place, LOZO-released,
+MeZO-released, FT-AdamW, LOZO-r1, LOZO-r2, LOZO-r4, LOZO-r8.
 
 Each method runs in a fresh process (so its peak memory is its own): after warm-up, the median of
 --steps timed steps. "forward" is one forward pass computing the training loss on the batch in inference
-mode, the unit the ZO methods are measured in (a ZO step needs two). LOZO, LOZO-M and MeZO run the
-project's own step (LowRankTrainer.zo_training_step + ZOOptimizer.step); the "-released" methods
-re-state the released code's formulation (out-of-place `param.data = param.data + ...`, perturb,
-restore and update as separate passes); FT-AdamW is the stock HF training step with AdamW.
+mode, the unit the ZO methods are measured in (a ZO step needs two). LOZO, LOZO-M, MeZO (float32 master
+copy) and MeZO-in-place (--zo_in_place) run the project's own step (LowRankTrainer.zo_training_step +
+ZOOptimizer.step); the "-released" methods re-state the released code's formulation (out-of-place
+`param.data = param.data + ...`, perturb, restore and update as separate passes); FT-AdamW is the stock
+HF training step with AdamW. LOZO's steps are timed with merge_periods − 1 finished periods not yet
+merged, the most a run carries (its side path is then at its widest and its factors at their largest);
+"merge_s" is the pass that writes them into the weights, once every merge_periods·ν steps.
 Every timed step is followed by one timed forward pass in the same process ("forward_s" of the method):
 the ratio to two forwards divides by that, so a shared machine's load, which slows both, cancels out;
 the top-level "forward_s" is the fresh "forward" process's own. For the project's ZO methods
-"weight_passes_s" times the step without its forward passes (draw the directions, perturb −2ε, then
-restore, update and perturb +ε for the next step in one pass): what the method adds to two forwards.
+"weight_passes_s" times the step without its forward passes (draw the directions, move to θ+εZ and
+θ−εZ, update): what the method adds to two forwards besides the side path inside them.
 Peak memory: the highest resident set size sampled during the timed steps (CPU), or
 torch.cuda.max_memory_allocated (GPU).
 """
@@ -44,8 +50,9 @@ SHAPES = {  # OPTConfig values of the released checkpoints; weights are random
         word_embed_proj_dim=512,
         do_layer_norm_before=False,
     ),
+    "opt-1.3b": dict(hidden_size=2048, num_hidden_layers=24, ffn_dim=8192, num_attention_heads=32),
 }
-METHODS = ["forward", "LOZO", "LOZO-M", "MeZO", "LOZO-released", "MeZO-released", "FT-AdamW"]
+METHODS = ["forward", "LOZO", "LOZO-M", "MeZO", "MeZO-in-place", "LOZO-released", "MeZO-released", "FT-AdamW"]
 METHODS += [f"LOZO-r{r}" for r in (1, 2, 4, 8)]
 LR, EPS, SEED = 1e-6, 1e-3, 0
 
@@ -60,7 +67,8 @@ def load_model(spec, dtype, device):
     if spec.startswith("shape:"):
         torch.manual_seed(SEED)
         config = OPTConfig(vocab_size=50272, max_position_embeddings=2048, **SHAPES[spec.split(":", 1)[1]])
-        return OPTForCausalLM(config).to(dtype=dtype, device=device), None
+        with torch.device(device):  # initialised where it runs: a 1.3B model initialises slowly on a CPU
+            return OPTForCausalLM(config).to(dtype=dtype), None
     from transformers import AutoTokenizer
 
     return AutoModelForCausalLM.from_pretrained(spec, dtype=dtype).to(device), AutoTokenizer.from_pretrained(
@@ -95,11 +103,13 @@ def make_trainer(model, tokenizer, method, batch, output_dir):
     import run_lozo
     from LOZOtrainer import LowRankTrainer
 
-    trainer_name = {"MeZO": "zo", "FT-AdamW": "regular"}.get(method, "LOZO")
+    trainer_name = {"MeZO": "zo", "MeZO-in-place": "zo", "FT-AdamW": "regular"}.get(method, "LOZO")
     argv = ["--output_dir", output_dir, "--trainer", trainer_name, "--learning_rate", str(LR)]
     argv += ["--zo_eps", str(EPS), "--train_set_seed", "0", "--per_device_train_batch_size", str(batch)]
     if method == "LOZO-M":
         argv += ["--lozo_optimizer", "sgdm"]
+    if method == "MeZO-in-place":
+        argv += ["--zo_in_place"]
     if method.startswith("LOZO-r"):
         argv += ["--rank_r", method.removeprefix("LOZO-r")]
     if model.device.type == "cpu":
@@ -193,13 +203,20 @@ def run_worker(opts):
         return option_loss(target_logits(model, batch, mask), batch, pad, mask=mask)
 
     def reference_forward():  # the unit, measured beside each step: a busy shared machine slows both alike
+        hooked = optimizer is not None and bool(optimizer.hooks)
+        if hooked:  # the plain model's forward, without LOZO's side path
+            for hook in optimizer.hooks:
+                hook.remove()
+            optimizer.hooks = []
         training = model.training
         model.eval()
         with torch.inference_mode():
             loss()
         model.train(training)
+        if hooked:
+            optimizer.attach(model)
 
-    method, step, weight_passes = opts.worker, 0, None
+    method, step, weight_passes, optimizer = opts.worker, 0, None, None
     if method == "forward":
         run_step = reference_forward
 
@@ -222,18 +239,24 @@ def run_worker(opts):
                 model.zero_grad(set_to_none=True)
 
         else:
+            optimizer = trainer.zo_optimizer
 
             def run_step():
                 trainer.zo_training_step(model, batch)
-                trainer.zo_optimizer.step()
-
-            def weight_passes():  # the step without its two forward passes: what the method itself costs
-                optimizer = trainer.zo_optimizer
-                optimizer.begin_step()
-                optimizer.move_to(+1)  # free after the first: the previous step looked ahead
-                optimizer.move_to(-1)
-                optimizer.set_projected_grad(0.0)
                 optimizer.step()
+
+            def weight_passes(g=0.0):  # the step without its two forward passes: what the method itself costs
+                optimizer.begin_step()
+                optimizer.move_to(+1)
+                optimizer.move_to(-1)
+                optimizer.set_projected_grad(g)
+                optimizer.step()
+
+            if optimizer.matrices:  # LOZO: time the steps with the most unmerged periods a run carries
+                interval, optimizer.step_interval = optimizer.step_interval, 1
+                for _ in range(optimizer.merge_periods):  # step 0's period, then 7 finished ones
+                    weight_passes(g=1.0)
+                optimizer.step_interval = interval
 
     def synchronized():
         if opts.device == "cuda":
@@ -257,6 +280,9 @@ def run_worker(opts):
         result["weight_passes_s"] = statistics.median(
             timed(weight_passes, synchronized) for _ in range(opts.steps)
         )
+    if optimizer is not None and optimizer.matrices:  # one pass writing all unmerged periods into the weights
+        result["merge_s"] = timed(optimizer.settle, synchronized)
+        result["merge_every_steps"] = optimizer.merge_periods * optimizer.step_interval
     print(json.dumps(result))
 
 
@@ -294,13 +320,15 @@ def measure(opts, method):
 
 def table(report):
     rows = [
-        "| method | step (s) | × two forwards | weight passes alone (s) | peak memory (MB) | × inference |",
-        "|---|---|---|---|---|---|",
+        "| method | step (s) | × two forwards | weight passes alone (s) | merge (s) | peak memory (MB) "
+        "| × inference |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, m in report["methods"].items():
         passes = f"{m['weight_passes_s']:.3f}" if "weight_passes_s" in m else "—"
+        merge = f"{m['merge_s']:.2f} every {m['merge_every_steps']} steps" if "merge_s" in m else "—"
         rows.append(
-            f"| {name} | {m['step_s']:.3f} | {m['ratio_to_two_forwards']:.2f} | {passes} | "
+            f"| {name} | {m['step_s']:.3f} | {m['ratio_to_two_forwards']:.2f} | {passes} | {merge} | "
             f"{m['peak_mem_mb']:.0f} | {m['mem_ratio_to_inference']:.2f} |"
         )
     return "\n".join(rows)
@@ -342,7 +370,9 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help=f"comma-separated, from: {', '.join(METHODS)}"
+    )
     parser.add_argument("--out", help="JSON report (default result/bench/<model>-<device>-<dtype>.json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     opts = parser.parse_args()
@@ -350,6 +380,9 @@ def main():
         sys.exit(f"error: unknown shape {opts.model}; use one of: {', '.join('shape:' + s for s in SHAPES)}")
     if not opts.model.startswith("shape:") and not Path(opts.model, "config.json").is_file():
         sys.exit(f"error: {opts.model} has no config.json; give a checkpoint folder or a shape:NAME")
+    unknown = [m for m in opts.methods.split(",") if m not in METHODS]
+    if unknown:
+        sys.exit(f"error: unknown method {unknown[0]}; use some of: {', '.join(METHODS)}")
     if opts.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda but no GPU is visible; use --device cpu")
     if opts.worker:

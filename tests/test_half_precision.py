@@ -261,3 +261,48 @@ def test_stochastic_merges_keep_updates_that_rounding_to_nearest_drops(smollm2_l
     assert 0.95 < kept_fraction(replay(smollm2_layer, torch.bfloat16, 1e-7, 1000), reference) < 1.05
     monkeypatch.setattr(LOZOtrainer, "stochastic_round", lambda values, dtype, generator: values.to(dtype))
     assert kept_fraction(replay(smollm2_layer, torch.bfloat16, 1e-7, 1000), reference) < 0.6
+
+
+# ---- on a GPU (bench/gpu_check.sh runs these with `-m cuda`; they skip without CUDA) ----
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_on_cuda_learning_rate_0_leaves_every_weight_bit_identical(
+    method, dtype, tiny_opt_dir, data_dir, tmp_path
+):
+    test_learning_rate_0_leaves_every_weight_bit_identical(method, dtype, tiny_opt_dir, data_dir, tmp_path)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_on_cuda_the_side_path_and_merges_match_the_effective_weights(dtype):
+    """A CUDA Linear in half precision: hooked output = output with the effective weight (to the dtype's
+    rounding of the output), merges within one neighbour, stochastic rounding unbiased on the GPU."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(256, 192, device="cuda", dtype=dtype)
+    optimizer = ZOOptimizer(
+        [layer.weight], lr=1e-3, eps=1e-3, low_rank=True, step_interval=1, merge_periods=2
+    )
+    optimizer.attach(layer)
+    for g in [1.0, -2.0, 0.5]:
+        take_steps(optimizer, [g])
+    x = torch.randn(32, 256, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        expected = torch.nn.functional.linear(
+            x.float(), optimizer.effective_weight(layer.weight), layer.bias.float()
+        )
+        torch.testing.assert_close(layer(x).float(), expected, atol=2e-2, rtol=2e-2)
+    before = optimizer.effective_weight(layer.weight)
+    optimizer.settle()
+    assert within_one_neighbour(layer.weight.detach(), before)
+    half = torch.tensor(0.5, dtype=dtype, device="cuda")
+    gap = (torch.nextafter(half, torch.ones_like(half)) - half).float()
+    values = torch.full((4096,), 0.5, device="cuda") + 0.3 * gap  # 30 % of the way to the next value
+    rounded = stochastic_round(values, dtype, torch.Generator(device="cuda").manual_seed(0)).float()
+    assert abs((rounded > 0.5).float().mean().item() - 0.3) < 0.05  # 7 standard errors

@@ -10,14 +10,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def launch(script, env, *args, tmp_path):
+def launch(script, env, *args, tmp_path, base_env=None):
     # The launchers cd into the repo and write result/ there: run a copy of the repo's scripts instead.
     for name in ("icl.sh", "lozo.sh", "mezo.sh", "finetune.sh", "launch_common.sh"):
         (tmp_path / name).write_text((REPO / name).read_text())
     shim = f"import runpy, sys\nsys.path.insert(0, {str(REPO)!r})\n"
     shim += f"runpy.run_path({str(REPO / 'run_lozo.py')!r}, run_name='__main__')\n"
     (tmp_path / "run_lozo.py").write_text(shim)
-    full_env = dict(os.environ, **{k: str(v) for k, v in env.items()})
+    full_env = dict(os.environ if base_env is None else base_env, **{k: str(v) for k, v in env.items()})
     return subprocess.run(
         ["bash", str(tmp_path / script), *args], env=full_env, capture_output=True, text=True
     )
@@ -118,3 +118,37 @@ def test_mode_selects_the_parameters_and_mezo_defaults(mode, tiny_opt_dir, data_
     done = launch("finetune.sh", dict(env, EPOCH=1), "--num_dev", "4", "--no_eval", tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"learning_rate = {float(fo_lr)!r}" in done.stderr and flags[0] in done.stderr
+
+
+def has_gpu():
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize(
+    ("precision", "expected"),
+    [
+        (None, "load_float16 = True" if has_gpu() else "load_bfloat16 = True"),  # MeZO's fp16 needs a GPU
+        ("--load_float16", "load_float16 = True"),
+        ("", None),  # float32
+    ],
+)
+def test_precision_is_honoured(precision, expected, tiny_opt_dir, data_dir, tmp_path):
+    env = dict(MODEL=tiny_opt_dir, TASK="SST2", TRAIN=0, EVAL=2, LOZO_DATA_DIR=data_dir)
+    if precision is not None:
+        env["PRECISION"] = precision
+    full_env = {k: v for k, v in os.environ.items() if k != "PRECISION"}
+    done = launch("icl.sh", env, tmp_path=tmp_path, base_env=full_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    half = [
+        line.strip()
+        for line in done.stderr.splitlines()
+        if "load_float16 =" in line or "load_bfloat16 =" in line
+    ]
+    assert (
+        (expected in half)
+        if expected
+        else ("load_float16 = True" not in half and "load_bfloat16 = True" not in half)
+    )

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The half-precision checks that need a GPU, in one go (planned to take under 8 minutes on one GPU), after
+# `bash install.sh`: the CUDA tests (drift at lr 0 through training, checkpoints and resume in fp16 and
+# bf16; the side path and merges on CUDA), drift at lr 0 of real SmolLM2 weights in fp16 and bf16 on
+# CUDA, and the step benchmark for the OPT-125m and OPT-1.3b shapes in fp16.
+# Everything it writes lands in result/gpu_check/ (OUT overrides), with the log.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-result/gpu_check}
+mkdir -p "$OUT"
+export LOZO_DATA_DIR=${LOZO_DATA_DIR:-$(cd .. && pwd)/shared/data}
+{
+    nvidia-smi -L
+    python -m pytest -q -m cuda tests/test_half_precision.py
+    python bench/half_precision.py drift --device cuda --out "$OUT/half_precision_drift.json"
+    for shape in opt-125m opt-1.3b; do
+        python bench/zo_step.py --model "shape:$shape" --device cuda --dtype float16 --batch 16 --seq 256 \
+            --methods forward,LOZO,LOZO-M,MeZO,MeZO-in-place,FT-AdamW --out "$OUT/$shape-cuda-float16.json"
+    done
+} 2>&1 | tee "$OUT/log.txt"
