@@ -29,19 +29,26 @@ ever perturbed in place:
 
 import functools
 import itertools
+import json
 import logging
 import math
+import os
+import shutil
 import signal
+import zipfile
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch.overrides import TorchFunctionMode
 from transformers import Trainer, TrainerCallback
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from metrics import f1
-from utils import UsageError, option_loss, target_logits, target_mask
+from utils import UsageError, option_loss, replace_folder, target_logits, target_mask
 
 logger = logging.getLogger(__name__)
 
@@ -222,8 +229,14 @@ class LowRankMatrix:
         self.move_to(self.position)
 
 
-# Reads of a matrix that do not involve its values (the modules that own one may ask for its dtype or shape).
-METADATA = {torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.data_ptr, torch.Tensor.stride}
+# Reads of a matrix that involve no values (the modules that own one may ask for its dtype or shape).
+METADATA = {
+    torch.Tensor.size,
+    torch.Tensor.dim,
+    torch.Tensor.numel,
+    torch.Tensor.data_ptr,
+    torch.Tensor.stride,
+}
 METADATA_PROPERTIES = {
     torch.Tensor.shape,
     torch.Tensor.dtype,
@@ -556,18 +569,31 @@ class ZOOptimizer(torch.optim.Optimizer):
 
 
 class SaveOnInterruptCallback(TrainerCallback):
-    """On SIGUSR1 (as sent by cluster schedulers before preemption): checkpoint after this step and stop."""
+    """On SIGTERM or SIGUSR1 (what schedulers send before they kill or preempt a job): checkpoint after the
+    step in progress and stop. The handlers are installed for the training loop only."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):
         self.interrupted = False
-        signal.signal(signal.SIGUSR1, self._handle)
+        self.previous = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
     def _handle(self, signum, frame):
-        logger.warning("SIGUSR1 received: saving a checkpoint after this step and stopping")
+        logger.warning(
+            "%s received: saving a checkpoint after this step and stopping", signal.Signals(signum).name
+        )
         self.interrupted = True
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.interrupted_anywhere(args):
+            self.interrupted = True
             control.should_save = True
             control.should_training_stop = True
         return control
@@ -580,6 +606,71 @@ class SaveOnInterruptCallback(TrainerCallback):
         flag = torch.tensor([float(self.interrupted)], device=args.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+# ---- checkpoints that are complete or absent ----
+
+STAGING_DIR = ".incomplete"  # <output_dir>/.incomplete/checkpoint-N: a checkpoint being written
+MODEL_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "adapter_model.safetensors",
+    "pytorch_model.bin",
+)
+
+
+def checkpoint_problem(folder, with_optimizer=True):
+    """Why `folder` cannot be resumed from, naming the first missing or unreadable file; None if it can.
+    Checked without loading anything large: file headers only."""
+    if not os.path.isdir(folder):
+        return "no such folder"
+    present = set(os.listdir(folder))
+    model_file = next((name for name in MODEL_FILES if name in present), None)
+    if model_file is None and not any(name.startswith("pytorch_model_fsdp") for name in present):
+        return f"no model weights ({MODEL_FILES[0]})"
+    rng = sorted(name for name in present if name.startswith("rng_state"))
+    required = ["trainer_state.json", *(["optimizer.pt", "scheduler.pt"] if with_optimizer else []), *rng[:1]]
+    for name in [*required, *([model_file] if model_file else [])]:
+        path = os.path.join(folder, name)
+        if name not in present or os.path.getsize(path) == 0:
+            return f"{name} is missing"
+        if not readable(path):
+            return f"{name} is damaged"
+    if not rng:
+        return "rng_state.pth is missing"
+    return None
+
+
+def readable(path):
+    """A cheap integrity check: the JSON parses, a torch file's zip directory (written last) is there, a
+    safetensors header parses."""
+    try:
+        if path.endswith(".json"):
+            with open(path) as f:
+                json.load(f)
+        elif path.endswith((".pt", ".pth", ".bin")):
+            return zipfile.is_zipfile(path)
+        elif path.endswith(".safetensors"):
+            with safe_open(path, framework="pt"):
+                pass
+    except (OSError, ValueError, SafetensorError):
+        return False
+    return True
+
+
+def last_complete_checkpoint(output_dir, with_optimizer=True):
+    """The newest checkpoint-N in output_dir that can be resumed from; damaged ones are skipped with a
+    warning. None when there is none."""
+    steps = []
+    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+        if name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") and name.split("-")[-1].isdigit():
+            steps.append((int(name.split("-")[-1]), os.path.join(output_dir, name)))
+    for _, folder in sorted(steps, reverse=True):
+        problem = checkpoint_problem(folder, with_optimizer)
+        if problem is None:
+            return folder
+        logger.warning("skipping checkpoint %s: %s", folder, problem)
+    return None
 
 
 class LowRankTrainer(Trainer):
@@ -599,8 +690,10 @@ class LowRankTrainer(Trainer):
         if self.is_zo:
             # A skipped step reports the last finite loss (or NaN before any); HF's filter would log it as 0.
             self.args.logging_nan_inf_filter = False
-        if self.args.save_on_interrupt:
-            self.add_callback(SaveOnInterruptCallback())
+        self.interrupt = SaveOnInterruptCallback() if self.args.save_on_interrupt else None
+        if self.interrupt is not None:
+            self.add_callback(self.interrupt)
+        self._staging = False
 
     @property
     def is_zo(self):
@@ -730,10 +823,38 @@ class LowRankTrainer(Trainer):
     # factors: a checkpoint first writes them into the weights (settle), and the end of training also
     # detaches the optimizer from the model (release) before HF may load the best checkpoint.
 
-    def _save_checkpoint(self, *args, **kwargs):
+    def _get_output_dir(self, trial):
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, STAGING_DIR) if self._staging else run_dir
+
+    def _save_checkpoint(self, model, trial):
+        """HF's checkpoint (model, optimizer with the ZO state, scheduler, RNG states, trainer state), written
+        into <output_dir>/.incomplete/checkpoint-N and renamed to <output_dir>/checkpoint-N once complete: a
+        kill at any moment leaves the whole checkpoint or none of it. Rank 0 renames, after every rank has
+        written its RNG state; HF's rotation (--save_total_limit) then sees complete checkpoints only."""
         if self.zo_optimizer is not None:
             self.zo_optimizer.settle()
-        return super()._save_checkpoint(*args, **kwargs)
+        run_dir = self._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged, final = os.path.join(run_dir, STAGING_DIR, name), os.path.join(run_dir, name)
+        if self.args.should_save:
+            shutil.rmtree(staged, ignore_errors=True)  # what a kill during an earlier attempt left
+        self.accelerator.wait_for_everyone()
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        self.accelerator.wait_for_everyone()
+        if self.state.best_model_checkpoint == staged:
+            self.state.best_model_checkpoint = final
+        if self.args.should_save:
+            self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))  # naming the final folder
+            replace_folder(staged, final)
+            rotate_checkpoints(
+                run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True
+            )
+        self.accelerator.wait_for_everyone()
 
     def _finalize_training(self, *args, **kwargs):
         if self.zo_optimizer is not None:

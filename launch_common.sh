@@ -60,14 +60,16 @@ TORCHRUN=(torchrun --nproc_per_node "$NUM_GPU" ${TORCHRUN_ARGS:-})
 if [ "$NUM_GPU" -gt 1 ]; then LAUNCHER=("${TORCHRUN[@]}"); else LAUNCHER=(python); fi
 
 # LAUNCHER run_lozo.py with what every training launcher passes: model, task, output, samples, the mode's
-# and the task's flags; then the caller's arguments (extra command-line arguments last, so they win).
+# and the task's flags, RESUME (`last`: the newest complete checkpoint in the output folder, or a fresh
+# start); then the caller's arguments (extra command-line arguments last, so they win).
 launch() {
     "${LAUNCHER[@]}" run_lozo.py \
         --model_name "$MODEL" --task_name "$TASK" \
         --output_dir "result/$TASK-$MODEL_NAME-$TAG" --tag "$TAG" \
         --train_set_seed "$SEED" --num_train "$TRAIN" --num_dev "$DEV" --num_eval "$EVAL" \
         --per_device_train_batch_size "$BS" --learning_rate "$LR" --logging_steps 10 \
-        --save_total_limit 1 --load_best_model_at_end $PRECISION "${MODE_ARGS[@]}" "${TASK_ARGS[@]}" "$@"
+        --save_total_limit 1 --load_best_model_at_end $PRECISION "${MODE_ARGS[@]}" "${TASK_ARGS[@]}" \
+        ${RESUME:+--resume_from_checkpoint "$RESUME"} "$@"
 }
 
 # Zeroth-order training (lozo.sh, mezo.sh): MeZO's constant schedule, evaluation and checkpoints by steps.

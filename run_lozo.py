@@ -22,7 +22,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments
 
 import tasks
-from LOZOtrainer import LowRankTrainer
+from LOZOtrainer import LowRankTrainer, checkpoint_problem, last_complete_checkpoint
 from metrics import calculate_metric
 from tuning_modes import (
     HeadInputs,
@@ -138,7 +138,10 @@ class OurArguments(TrainingArguments):
     linear_probing: bool = False  # logistic regression on the final hidden states, into the LM head
     lp_early_stopping: bool = False  # looser tolerance and fewer iterations for the probe
     load_adapter: str | None = field(default=None, metadata={"help": "a saved PEFT adapter folder"})
-    save_on_interrupt: bool = False  # checkpoint and stop on SIGUSR1
+    save_on_interrupt: bool = field(
+        default=False,
+        metadata={"help": "on SIGTERM or SIGUSR1, checkpoint after the current step and exit 0 (no result)"},
+    )
 
     # Defaults that differ from HF's: keep the custom batch keys; no checkpoints unless asked
     remove_unused_columns: bool = False
@@ -376,6 +379,7 @@ def load_tokenizer(args, model_config):
 class Framework:
     def __init__(self, args, task):
         self.args, self.task = args, task
+        self.interrupted = False  # training stopped by SIGTERM / SIGUSR1 (--save_on_interrupt)
         self.template = task.get_template()
         model = load_model(args)
         self.tokenizer = load_tokenizer(args, model.config)
@@ -578,9 +582,10 @@ class Framework:
             )
         except ValueError as error:  # conflicting HF training arguments
             raise UsageError(str(error).strip().splitlines()[0]) from None
-        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        trainer.train(resume_from_checkpoint=resume_point(args))
         trainer.save_state()  # trainer_state.json: the loss and eval history, for plots (rank 0 writes)
-        if args.save_model:
+        self.interrupted = trainer.interrupt is not None and trainer.interrupt.interrupted
+        if args.save_model and not self.interrupted:
             trainer.save_model()
         self.model = trainer.model
         self.device = next(self.model.parameters()).device  # FSDP moved the CPU-loaded model to the GPU
@@ -602,6 +607,28 @@ def shared_prefix_length(encodings, option_lens):
         common += 1
     prefix = min(common, unscored)
     return prefix if prefix >= MIN_SHARED_PREFIX else 0
+
+
+def resume_point(args):
+    """The checkpoint --resume_from_checkpoint names: `last` is the newest complete one in --output_dir (or
+    none: a fresh start); an explicit folder must be complete."""
+    wanted, with_optimizer = args.resume_from_checkpoint, not args.save_only_model
+    if wanted is None:
+        return None
+    if wanted == "last":
+        found = last_complete_checkpoint(args.output_dir, with_optimizer)
+        if found is None:
+            logger.info("no complete checkpoint in %s: starting from the beginning", args.output_dir)
+        else:
+            logger.info("resuming from %s", found)
+        return found
+    problem = checkpoint_problem(wanted, with_optimizer)
+    if problem is not None:
+        raise UsageError(
+            f"--resume_from_checkpoint {wanted}: {problem}; give a complete checkpoint folder, or `last` for "
+            "the newest complete one in --output_dir"
+        )
+    return wanted
 
 
 def correct_index(sample, first_only=False):
@@ -667,8 +694,6 @@ def run(args):
                     "rows; lower --num_dev"
                 )
             # As MeZO: without dev samples, evaluation during training uses the eval samples.
-            if args.resume_from_checkpoint and not os.path.isdir(args.resume_from_checkpoint):
-                raise UsageError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder")
             if args.linear_probing:
                 framework.linear_probe(train_samples)
                 if args.save_model and args.process_index == 0:  # the probed head lives in the model only
@@ -676,6 +701,13 @@ def run(args):
                     framework.tokenizer.save_pretrained(args.output_dir)
             else:
                 framework.train(train_samples, dev_samples or eval_samples)
+                if framework.interrupted:  # a partial run has no result: it resumes with the same command
+                    logger.warning(
+                        "interrupted: checkpoint saved in %s; run the same command with "
+                        "--resume_from_checkpoint last to continue",
+                        args.output_dir,
+                    )
+                    return None
             if isinstance(framework.model, PeftModel) and args.process_index == 0:  # replicas are identical
                 save_adapter(framework.model, os.path.splitext(output)[0] + "-adapter")
             if args.no_eval:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, TaskType, get_peft_model
 
-from utils import UsageError
+from utils import UsageError, replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -104,13 +104,7 @@ def save_adapter(model, path):
     tmp = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(path) + ".tmp")
     try:
         model.save_pretrained(tmp)
-        old = None
-        if os.path.exists(path):
-            old = tmp + ".old"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old:
-            shutil.rmtree(old)
+        replace_folder(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

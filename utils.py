@@ -7,6 +7,7 @@ import inspect
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -292,6 +293,36 @@ def write_json_atomic(obj, path):
 
 def write_metrics_to_file(metrics, output):
     write_json_atomic(metrics, output)
+
+
+def fsync_folder(folder):
+    """Flush a folder's files and its entry list to disk, so that a rename after it publishes data that a
+    machine crash cannot lose."""
+    for entry in os.scandir(folder):
+        if entry.is_file():
+            with open(entry.path, "rb") as f:
+                os.fsync(f.fileno())
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def replace_folder(complete, path):
+    """Move the finished folder `complete` to `path` (same file system) in one rename; an older `path` is
+    moved aside first and deleted after, so `path` is at every moment either the old folder, absent, or the
+    new one — never half-written."""
+    fsync_folder(complete)
+    old = None
+    if os.path.exists(path):
+        old = complete + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(complete, path)
+    fsync_folder(os.path.dirname(os.path.abspath(path)))
+    if old:
+        shutil.rmtree(old)
 
 
 # ---------------------------------------------------------------------------------------------------------

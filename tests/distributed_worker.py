@@ -99,14 +99,14 @@ def install_recording():
 
 
 class InterruptOneRank(TrainerCallback):
-    """Sends SIGUSR1 to this process at the start of step 1 if it is rank `rank`, and to no other."""
+    """Sends SIGTERM to this process at the start of step 1 if it is rank `rank`, and to no other."""
 
     def __init__(self, rank):
         self.rank = rank
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step == 1 and args.process_index == self.rank:
-            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def counting(counts, key, function):

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 import run_lozo
+from LOZOtrainer import STAGING_DIR, checkpoint_problem
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "distributed_worker.py"
@@ -136,10 +137,15 @@ def test_rank_zero_alone_writes_results_and_checkpoints(two_processes):
             assert torch.equal(weight, trained[key]), key
 
 
-def test_sigusr1_on_one_rank_stops_every_rank_after_the_same_step(two_processes):
-    """Without agreement, rank 0 would wait forever in step 2's all-reduce (and the test would time out)."""
+def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step(two_processes):
+    """Without agreement, rank 0 would wait forever in step 2's all-reduce (and the test would time out).
+    The checkpoint is complete, with both ranks' RNG states (rank 0 renames it after both wrote)."""
     assert [record(two_processes / "interrupt", rank)["global_step"] for rank in (0, 1)] == [2, 2]
-    assert (two_processes / "interrupt" / "checkpoint-2" / "model.safetensors").is_file()
+    checkpoint = two_processes / "interrupt" / "checkpoint-2"
+    assert checkpoint_problem(checkpoint) is None
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(checkpoint))
+    assert list((two_processes / "interrupt" / STAGING_DIR).iterdir()) == []
+    assert record(two_processes / "interrupt", 0).get("results_written") is None  # a partial run has none
 
 
 def test_evaluation_is_sharded_and_gathered_in_sample_order(two_processes, tiny_opt_dir, data_dir, tmp_path):
