@@ -462,18 +462,20 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.position = 0
 
     def _low_rank_direction(self, i, gU, finite):
-        """g·U, or for LOZO-M the momentum N ← βN + (1−β)·g·U."""
+        """g·U, or for LOZO-M the momentum N ← βN + (1−β)·g·U, started at N₀ = g₀U₀ as the released code
+        starts it (not from zero, which would make the first steps (1−β) times smaller)."""
         if self.beta is None:
             return gU
         N = self.momentum.get(i)
         if finite:
-            N = (1 - self.beta) * gU if N is None else self.beta * N + (1 - self.beta) * gU
+            N = gU if N is None else self.beta * N + (1 - self.beta) * gU
             self.momentum[i] = N
         return torch.zeros_like(gU) if N is None else N
 
     def _step_dense(self, i, p, g, lr, decay, restore, finite):
         """One pass: from θ + (−restore)·εz (in place) or from the master, W ← decay·W − η(g·z or m)."""
-        if self.beta is not None and i not in self.momentum and finite:
+        first = self.beta is not None and i not in self.momentum and finite
+        if first:  # m₀ = g₀z₀, as N₀ = g₀U₀
             self.momentum[i] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
         momentum = self.momentum.get(i)  # only LOZO-M / MeZO with momentum keep any
         master = self.masters.get(i)
@@ -488,7 +490,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             else:
                 m = momentum.view(-1)[start : start + len(z)]
                 if finite:
-                    m.mul_(self.beta).add_(z, alpha=(1 - self.beta) * g)
+                    m.mul_(self.beta).add_(z, alpha=g if first else (1 - self.beta) * g)
                 if back:
                     w.add_(z, alpha=back)
                 w.add_(m, alpha=-lr)
@@ -868,6 +870,17 @@ class LowRankTrainer(Trainer):
             if self.zo_optimizer is not None:
                 self.zo_optimizer.release()
             self._micro_batches = 0
+
+    def _issue_warnings_after_load(self, load_result):
+        """A tied LM head (OPT, SmolLM2) is saved once, under the embeddings' name: its key is missing from
+        every checkpoint by design, so only other missing keys are worth a warning."""
+        seen, tied = set(), set()
+        for name, param in self.model.named_parameters(remove_duplicate=False):
+            if id(param) in seen:
+                tied.add(name)
+            seen.add(id(param))
+        missing = [key for key in load_result.missing_keys if key not in tied]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)

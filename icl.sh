@@ -6,9 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")"
 TRAIN=${TRAIN:-32}
 source ./launch_common.sh # MODEL, TASK, EVAL, PRECISION and the model's short name
-TAG=${TAG:-icl}
+if [ "$TRAIN" = 0 ]; then TAG=${TAG:-zeroshot}; else TAG=${TAG:-icl}; fi
 
-python run_lozo.py \
+run_or_print python run_lozo.py \
     --model_name "$MODEL" --task_name "$TASK" \
     --output_dir "result/$TASK-$MODEL_NAME-$TAG" --tag "$TAG" \
     --num_train "$TRAIN" --num_eval "$EVAL" $PRECISION "$@"

@@ -59,11 +59,21 @@ NUM_GPU=${NUM_GPU:-1}
 TORCHRUN=(torchrun --nproc_per_node "$NUM_GPU" ${TORCHRUN_ARGS:-})
 if [ "$NUM_GPU" -gt 1 ]; then LAUNCHER=("${TORCHRUN[@]}"); else LAUNCHER=(python); fi
 
+# DRY_RUN=1: print the command (shell-quoted) instead of running it.
+run_or_print() {
+    if [ "${DRY_RUN:-0}" = 1 ]; then
+        printf '%q ' "$@"
+        echo
+    else
+        "$@"
+    fi
+}
+
 # LAUNCHER run_lozo.py with what every training launcher passes: model, task, output, samples, the mode's
 # and the task's flags, RESUME (`last`: the newest complete checkpoint in the output folder, or a fresh
 # start); then the caller's arguments (extra command-line arguments last, so they win).
 launch() {
-    "${LAUNCHER[@]}" run_lozo.py \
+    run_or_print "${LAUNCHER[@]}" run_lozo.py \
         --model_name "$MODEL" --task_name "$TASK" \
         --output_dir "result/$TASK-$MODEL_NAME-$TAG" --tag "$TAG" \
         --train_set_seed "$SEED" --num_train "$TRAIN" --num_dev "$DEV" --num_eval "$EVAL" \

@@ -8,11 +8,18 @@ result/<task>-<model>-<tags>.json.
 """
 
 import dataclasses
+import difflib
 import enum
+import functools
+import importlib.metadata
 import logging
 import os
+import platform
+import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,6 +27,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments
+from transformers.trainer_utils import align_special_tokens
 
 import tasks
 from LOZOtrainer import LowRankTrainer, checkpoint_problem, last_complete_checkpoint
@@ -53,95 +61,100 @@ TRAINERS = ("none", "regular", "zo", "LOZO")
 LOZO_OPTIMIZERS = ("sgd", "sgdm")
 
 
+def option(default, help):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class OurArguments(TrainingArguments):
+    """The project's own options (listed first by --help); every `transformers.TrainingArguments` option
+    follows."""
+
     # task and sampling
-    task_name: str = "SST2"
-    data_dir: str | None = field(default=None, metadata={"help": "local task data; default $LOZO_DATA_DIR"})
-    num_train: int = 0  # training samples (or demonstrations for ICL)
-    num_dev: int | None = None  # dev samples taken from the train set (for model selection)
-    num_eval: int | None = None  # evaluation samples; all of the validation split when unset
-    num_test: int | None = field(default=None, metadata={"help": "alias of --num_eval (LOZO's README)"})
-    num_train_sets: int | None = None  # several train sets with seeds 0..N-1
-    train_set_seed: int | None = None  # one train set with this seed (also picks the eval subset)
-    result_file: str | None = None
+    task_name: str = option("SST2", f"the task, one of: {', '.join(tasks.TASKS)}")
+    data_dir: str | None = option(
+        None,
+        f"folder with <task>/{{train,validation}}.jsonl[.gz]; default ${tasks.DATA_DIR_ENV}, else the HF hub",
+    )
+    num_train: int = option(0, "training samples (in-context learning: demonstrations; 0: zero-shot)")
+    num_dev: int | None = option(None, "dev samples taken from the train set, for evaluation during training")
+    num_eval: int | None = option(None, "evaluation samples (default: the whole validation split)")
+    num_test: int | None = option(None, "alias of --num_eval (LOZO's name)")
+    num_train_sets: int | None = option(None, "several train sets, seeds 0..N-1, one result each")
+    train_set_seed: int | None = option(None, "one train set with this seed (it also picks the eval subset)")
+    result_file: str | None = option(
+        None, "where the result JSON goes (default: result/<task>-<model>-...json)"
+    )
 
     # model
-    model_name: str = "facebook/opt-125m"
-    model_path: str | None = field(
-        default=None, metadata={"help": "load from here; name results by model_name"}
-    )
-    load_float16: bool = False
-    load_bfloat16: bool = False
-    load_int8: bool = False
-    max_length: int = 2048
-    no_auto_device: bool = False  # do not shard over GPUs with device_map="auto" (FSDP, DDP)
-    untie_emb: bool = False
+    model_name: str = option("facebook/opt-125m", "a hub name or a local folder with config.json")
+    model_path: str | None = option(None, "load from this folder, but name results by --model_name")
+    load_float16: bool = option(False, "float16 weights (MeZO's default on GPUs; slow on most CPUs)")
+    load_bfloat16: bool = option(False, "bfloat16 weights (fast on CPUs with avx512_bf16 or AMX)")
+    load_int8: bool = option(False, "int8 weights through bitsandbytes (CUDA only; inference)")
+    max_length: int = option(2048, "longest prompt in tokens; longer ones lose their first demonstrations")
+    no_auto_device: bool = option(False, "do not spread the model over several GPUs (device_map='auto')")
+    untie_emb: bool = option(False, "give the LM head its own copy of the input embeddings")
 
     # calibration
-    sfc: bool = False
-    icl_sfc: bool = False
+    sfc: bool = option(False, "surface-form competition calibration (MeZO's --sfc)")
+    icl_sfc: bool = option(False, "calibration with the demonstrations in the calibration prompt")
 
     # training
-    trainer: str = field(default="none", metadata={"help": f"one of {TRAINERS}"})
-    only_train_option: bool = True  # loss only on the option tokens
-    train_as_classification: bool = False  # cross-entropy over the candidates' scores
+    trainer: str = option("none", f"one of: {', '.join(TRAINERS)} (none: zero-shot / ICL; zo: MeZO)")
+    only_train_option: bool = option(True, "loss on the option tokens only (False: the whole sequence)")
+    train_as_classification: bool = option(False, "cross-entropy over the candidates' scores")
 
     # zeroth-order (MeZO / LOZO)
-    zo_eps: float = 1e-3
-    rank_r: int = 2  # LOZO rank r of U Vᵀ
-    step_interval: int = 50  # LOZO ν: V is redrawn every ν steps
-    lozo_optimizer: str = field(default="sgd", metadata={"help": "sgd (LOZO) or sgdm (LOZO-M)"})
-    beta1: float = 0.9  # LOZO-M momentum
-    merge_periods: int = field(
-        default=8,
-        metadata={
-            "help": "LOZO: a matrix's updates stay as float32 low-rank factors beside its weights for this "
-            "many V periods, then are written into them at once (rounded once: stochastically in half "
-            "precision)"
-        },
+    zo_eps: float = option(1e-3, "perturbation scale ε")
+    rank_r: int = option(2, "LOZO: rank r of the direction U·Vᵀ")
+    step_interval: int = option(50, "LOZO: ν, V is redrawn every ν steps")
+    lozo_optimizer: str = option("sgd", f"LOZO: one of {', '.join(LOZO_OPTIMIZERS)} (sgdm: LOZO-M)")
+    beta1: float = option(0.9, "LOZO-M: momentum β")
+    merge_periods: int = option(
+        8,
+        "LOZO: a matrix's updates stay as float32 low-rank factors beside its weights for this many V "
+        "periods, then are written into them at once (stochastically rounded in half precision)",
     )
-    zo_in_place: bool = field(
-        default=False,
-        metadata={
-            "help": "MeZO: perturb and update the weights in place as MeZO's code does (inference memory, "
-            "but every perturbation rounds and the weights drift); by default a float32 master copy of the "
-            "weights makes it exact"
-        },
+    zo_in_place: bool = option(
+        False,
+        "MeZO: perturb and update the weights in place as MeZO's code does (inference memory, but every "
+        "perturbation rounds and the weights drift); by default a float32 master copy makes it exact",
+    )
+    non_diff: bool = option(
+        False, "zeroth-order only: train on minus the F1 of generated answers (SQuAD, DROP)"
     )
 
     # generation
-    sampling: bool = False
-    temperature: float = 1.0
-    num_beams: int = 1
-    top_k: int | None = None
-    top_p: float = 0.95
-    max_new_tokens: int = 50
-    eos_token: str = "\n"
+    sampling: bool = option(False, "sample instead of greedy decoding")
+    temperature: float = option(1.0, "sampling temperature")
+    num_beams: int = option(1, "beam search width")
+    top_k: int | None = option(None, "sampling: top-k")
+    top_p: float = option(0.95, "sampling: nucleus probability")
+    max_new_tokens: int = option(50, "longest generated answer")
+    eos_token: str = option("\n", "generation stops at this text")
 
     # saving and misc
-    save_model: bool = False
-    no_eval: bool = False
-    tag: str = ""
-    verbose: bool = False
-    non_diff: bool = False  # ZO only: train on minus the F1 of generated answers (SQuAD)
+    save_model: bool = option(False, "save the trained model into --output_dir")
+    no_eval: bool = option(False, "train only: no final evaluation and no result file")
+    tag: str = option("", "added to the result's name")
+    verbose: bool = option(False, "log every argument and each prediction")
+    save_on_interrupt: bool = option(
+        False, "on SIGTERM or SIGUSR1, checkpoint after the current step and exit 0 (no result)"
+    )
 
     # parameter-efficient modes (MeZO's names and defaults)
-    lora: bool = False  # LoRA on the attention query/value projections (peft); base weights frozen
-    lora_r: int = 8
-    lora_alpha: int = 16
-    prefix_tuning: bool = False  # trainable key/value prefixes in every attention layer (peft)
-    num_prefix: int = 5
-    no_reparam: bool = True  # train the prefixes directly, no MLP reparameterisation
-    prefix_init_by_real_act: bool = True  # start from the keys/values of random vocabulary tokens
-    head_tuning: bool = False  # train the LM head only (the tied embeddings unless --untie_emb)
-    linear_probing: bool = False  # logistic regression on the final hidden states, into the LM head
-    lp_early_stopping: bool = False  # looser tolerance and fewer iterations for the probe
-    load_adapter: str | None = field(default=None, metadata={"help": "a saved PEFT adapter folder"})
-    save_on_interrupt: bool = field(
-        default=False,
-        metadata={"help": "on SIGTERM or SIGUSR1, checkpoint after the current step and exit 0 (no result)"},
-    )
+    lora: bool = option(False, "LoRA on the attention query/value projections (peft); base frozen")
+    lora_r: int = option(8, "LoRA rank")
+    lora_alpha: int = option(16, "LoRA scaling α")
+    prefix_tuning: bool = option(False, "trainable key/value prefixes in every attention layer (peft)")
+    num_prefix: int = option(5, "prefix tuning: number of prefix tokens")
+    no_reparam: bool = option(True, "prefix tuning: train the prefixes directly (no MLP reparameterisation)")
+    prefix_init_by_real_act: bool = option(True, "prefix tuning: start from the keys/values of real tokens")
+    head_tuning: bool = option(False, "train the LM head only (the tied embeddings unless --untie_emb)")
+    linear_probing: bool = option(False, "logistic regression on the final hidden states, into the LM head")
+    lp_early_stopping: bool = option(False, "linear probing: looser tolerance, fewer iterations")
+    load_adapter: str | None = option(None, "a saved LoRA / prefix adapter folder to evaluate or train on")
 
     # Defaults that differ from HF's: keep the custom batch keys; no checkpoints unless asked
     remove_unused_columns: bool = False
@@ -150,6 +163,9 @@ class OurArguments(TrainingArguments):
     def __post_init__(self):
         if self.num_test is not None:
             self.num_eval = self.num_test if self.num_eval is None else self.num_eval
+        self.data_dir = tasks.resolve_data_dir(self.data_dir)  # the folder actually used, as logged
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # pinned memory only helps copies to a GPU
         validate_arguments(self)
         warn_ignored_settings(self)
         if world_size() > 1 and not torch.cuda.is_available():
@@ -174,9 +190,29 @@ def task_metric(args):
     return "f1" if args.task_name.split("__")[0] in GENERATION_TASKS else "accuracy"
 
 
+def missing_local_model(path):
+    """Why `path`, which looks like a local folder, cannot be loaded; None when it is a folder or looks like
+    a hub name (owner/name: one slash, no leading dot, tilde or slash, not inside an existing folder)."""
+    if path is None or os.path.isdir(path):
+        return None
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or os.path.isdir(path.split("/")[0])
+    if not looks_local:
+        return None
+    parent = os.path.dirname(os.path.expanduser(path).rstrip("/")) or "."
+    siblings = os.listdir(parent) if os.path.isdir(parent) else []
+    near = difflib.get_close_matches(os.path.basename(path.rstrip("/")), siblings, n=1)
+    hint = f" (did you mean {os.path.join(os.path.dirname(path.rstrip('/')), near[0])}?)" if near else ""
+    return f"model folder {path} does not exist{hint}"
+
+
 def validate_arguments(args):
     """Reject bad settings up front with one line naming the fix (nothing is loaded or written yet)."""
     checks = [
+        (
+            missing_local_model(args.model_path or args.model_name) is None,
+            f"{missing_local_model(args.model_path or args.model_name)}; give an existing folder with "
+            "config.json or a hub name (offline model: python utils.py prepare-model smollm2)",
+        ),
         (args.trainer in TRAINERS, f"unknown --trainer {args.trainer!r}; use one of: {', '.join(TRAINERS)}"),
         (args.rank_r >= 1, f"--rank_r must be >= 1, got {args.rank_r}"),
         (args.step_interval >= 1, f"--step_interval must be >= 1, got {args.step_interval}"),
@@ -303,7 +339,8 @@ def mode_checks(args):
 
 
 def result_file_tag(args):
-    """MeZO's result naming: <task>-<model>[-sfc][-icl_sfc][-sampleevalN][-ntrainN][-ndevN][-tag]."""
+    """MeZO's result naming: <task>-<model>[-sfc][-icl_sfc][-sampleevalN][-ntrainN][-ndevN][-tag], and
+    -adapter-<folder> when evaluating or training a saved adapter."""
     parts = [args.task_name, args.model_name.rstrip("/").split("/")[-1]]
     parts += ["sfc"] if args.sfc else []
     parts += ["icl_sfc"] if args.icl_sfc else []
@@ -311,6 +348,8 @@ def result_file_tag(args):
     parts += [f"ntrain{args.num_train}"] if args.num_train > 0 else []
     parts += [f"ndev{args.num_dev}"] if args.num_dev is not None else []
     parts += [args.tag] if args.tag else []
+    # Evaluating two saved adapters must not write one result file.
+    parts += [f"adapter-{os.path.basename(args.load_adapter.rstrip('/'))}"] if args.load_adapter else []
     return "-".join(parts)
 
 
@@ -372,6 +411,19 @@ def load_tokenizer(args, model_config):
     return tokenizer
 
 
+def align_special_tokens_quietly(model, tokenizer):
+    """Give the model config the special-token ids the tokenizer uses (MeZO's BOS for OPT, pad id 0 for
+    Llama). HF's Trainer does the same when it starts, with a warning on every run that asks nothing of
+    the user; done here first, it finds nothing to change."""
+    hf_logger = logging.getLogger("transformers.trainer_utils")
+    level = hf_logger.level
+    hf_logger.setLevel(logging.ERROR)
+    try:
+        align_special_tokens(model, tokenizer)
+    finally:
+        hf_logger.setLevel(level)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Evaluation and training
 
@@ -383,6 +435,7 @@ class Framework:
         self.template = task.get_template()
         model = load_model(args)
         self.tokenizer = load_tokenizer(args, model.config)
+        align_special_tokens_quietly(model, self.tokenizer)
         self.model = apply_tuning_mode(model, args)
         self.device = next(self.model.parameters()).device
         # peft's prefixes occupy the KV cache, so the shared prompt cannot be cached on top of them.
@@ -644,8 +697,25 @@ def correct_index(sample, first_only=False):
 # ---------------------------------------------------------------------------------------------------------
 
 
+def build_parser():
+    """HfArgumentParser over OurArguments, with the project's own options listed first by --help."""
+    parser = HfArgumentParser(
+        OurArguments,
+        usage="python run_lozo.py --task_name TASK --model_name MODEL [--trainer TRAINER] [options]",
+        description="Zero-shot, in-context learning and fine-tuning (first-order, MeZO, LOZO, LOZO-M) on "
+        "MeZO's tasks. The project's own options come first; every transformers TrainingArguments option "
+        "follows.",
+    )
+    ours = {f.name for f in dataclasses.fields(OurArguments)} - {
+        f.name for f in dataclasses.fields(TrainingArguments)
+    }
+    for group in parser._action_groups:  # argparse has no public reordering; the order is display only
+        group._group_actions.sort(key=lambda action: action.dest not in ours)
+    return parser
+
+
 def parse_args(argv):
-    parser = HfArgumentParser(OurArguments)
+    parser = build_parser()
     try:
         (args,) = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as error:  # TrainingArguments' own checks
@@ -653,14 +723,32 @@ def parse_args(argv):
     return args
 
 
-def format_arguments(args):
-    """Every resolved argument on its own line, enums by value (as MeZO prints its arguments)."""
+def resolved_settings(args):
+    """Every resolved argument, enums by value, JSON-ready (as MeZO prints its arguments)."""
     values = {k: v.value if isinstance(v, enum.Enum) else v for k, v in dataclasses.asdict(args).items()}
-    return "\n".join(f"  {k} = {v!r}" for k, v in sorted(values.items()))
+    return {k: v if isinstance(v, (str, int, float, bool, type(None))) else str(v) for k, v in values.items()}
+
+
+@functools.cache
+def default_settings():
+    return resolved_settings(OurArguments())
+
+
+def format_arguments(args):
+    """The arguments that differ from the defaults, each on its own line (all of them with --verbose);
+    the data folder always, since $LOZO_DATA_DIR may have chosen it."""
+    values, defaults = resolved_settings(args), default_settings()
+    shown = {k: v for k, v in values.items() if args.verbose or v != defaults.get(k) or k == "data_dir"}
+    return "\n".join(f"  {k} = {v!r}" for k, v in sorted(shown.items()))
 
 
 def run(args):
-    logger.info("arguments:\n%s", format_arguments(args))
+    started = time.time()
+    logger.info(
+        "arguments%s:\n%s",
+        "" if args.verbose else " (those not at their defaults; --verbose: all)",
+        format_arguments(args),
+    )
     task = tasks.get_task(args.task_name, args.data_dir)
     framework = Framework(args, task)
     train_sets = task.sample_train_sets(
@@ -671,23 +759,29 @@ def run(args):
         seed=args.train_set_seed,
     )
     os.makedirs("result", exist_ok=True)
+    outcomes = []
     if args.train_set_seed is None and args.num_train_sets is None:
         # In-context default: one demonstration set per evaluation sample.
         eval_samples = task.sample_eval_samples(args.num_eval, seed=0)
         metrics = framework.evaluate(train_sets, eval_samples, one_train_set_per_eval_sample=True)
         output = args.result_file or f"result/{result_file_tag(args)}-onetrainpereval.json"
-        logger.info("%s", metrics)
-        write_results(args, metrics, output)
+        samples = {"demonstrations per eval sample": args.num_train, "eval": len(eval_samples)}
+        outcomes.append(finish(args, metrics, output, started, samples))
+        log_summary(args, outcomes, started)
         return metrics
     metrics = None
     for set_id, train_set in enumerate(train_sets):
         set_seed = set_id if args.train_set_seed is None else args.train_set_seed
         eval_samples = task.sample_eval_samples(args.num_eval, seed=set_seed)
         output = args.result_file or f"result/{result_file_tag(args)}-trainset{set_id}.json"
+        trainer = adapter = None
+        samples = {"train set seed": set_seed, "eval": len(eval_samples)}
         if args.trainer == "none" and not args.linear_probing:
             metrics = framework.evaluate(train_set, eval_samples)
+            samples["demonstrations"] = len(train_set)
         else:
             train_samples, dev_samples = tasks.split_train_dev(train_set, args.num_dev)
+            samples |= {"train": len(train_samples), "dev": len(dev_samples)}
             if not train_samples:
                 raise UsageError(
                     f"no training samples left: --num_dev {args.num_dev} takes all {len(train_set)} sampled "
@@ -700,7 +794,7 @@ def run(args):
                     framework.model.save_pretrained(args.output_dir)
                     framework.tokenizer.save_pretrained(args.output_dir)
             else:
-                framework.train(train_samples, dev_samples or eval_samples)
+                trainer = framework.train(train_samples, dev_samples or eval_samples)
                 if framework.interrupted:  # a partial run has no result: it resumes with the same command
                     logger.warning(
                         "interrupted: checkpoint saved in %s; run the same command with "
@@ -709,21 +803,83 @@ def run(args):
                     )
                     return None
             if isinstance(framework.model, PeftModel) and args.process_index == 0:  # replicas are identical
-                save_adapter(framework.model, os.path.splitext(output)[0] + "-adapter")
+                adapter = os.path.splitext(output)[0] + "-adapter"
+                save_adapter(framework.model, adapter)
             if args.no_eval:
+                outcomes.append({"metrics": None, "result": None, "trainer": trainer, "adapter": adapter})
                 continue
             metrics = framework.evaluate([], eval_samples)
             if dev_samples:
                 dev = framework.evaluate([], dev_samples, desc="dev")
                 metrics |= {f"dev_{k}": v for k, v in dev.items()}
-        logger.info("%s", metrics)
-        write_results(args, metrics, output)
+        outcomes.append(finish(args, metrics, output, started, samples, trainer, adapter))
+    log_summary(args, outcomes, started)
     return metrics
 
 
-def write_results(args, metrics, output):
+@functools.cache
+def provenance():
+    """Library versions and the project's commit (with `+changes` when the work tree differs from it)."""
+    names = ("torch", "transformers", "datasets", "accelerate", "peft")
+    found = {"python": platform.python_version()} | {name: importlib.metadata.version(name) for name in names}
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*words):
+        done = subprocess.run(["git", "-C", here, *words], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit and git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+changes"
+    return {"versions": found, "commit": commit}
+
+
+def finish(args, metrics, output, started, samples, trainer=None, adapter=None):
+    """Write the result file: the metrics (top level, as before) and under "run" what produced them."""
+    run_info = {
+        "task": args.task_name,
+        "model": args.model_name,
+        "trainer": args.trainer,
+        "samples": samples,
+        "wall_time_s": round(time.time() - started, 1),
+        **provenance(),
+        "settings": resolved_settings(args),
+    }
+    if trainer is not None:
+        history = trainer.state.log_history
+        losses = [entry["loss"] for entry in history if "loss" in entry]
+        run_info["train_loss_last_logged"] = losses[-1] if losses else None
+        run_info["train_loss_mean"] = next(
+            (e["train_loss"] for e in reversed(history) if "train_loss" in e), None
+        )
+        run_info["log_history"] = os.path.join(args.output_dir, "trainer_state.json")
+    if adapter is not None:
+        run_info["adapter"] = adapter
     if args.process_index == 0:  # under torchrun every rank holds the same metrics: one writes them
-        write_metrics_to_file(metrics, output)
+        write_metrics_to_file(metrics | {"run": run_info}, output)
+    return {"metrics": metrics, "result": output, "trainer": trainer, "adapter": adapter}
+
+
+def log_summary(args, outcomes, started):
+    """One block at the end of every run: the metrics and every file or folder it wrote."""
+    minutes, seconds = divmod(round(time.time() - started), 60)
+    lines = [
+        f"done in {minutes} min {seconds} s: {args.task_name}, {args.model_name}, trainer {args.trainer}"
+    ]
+    for outcome in outcomes:
+        if outcome["metrics"] is not None:
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in outcome["metrics"].items())
+            lines += [f"  {shown}", f"  result:     {outcome['result']}"]
+        if outcome["trainer"] is not None:
+            checkpoints = sorted(p.name for p in Path(args.output_dir).glob("checkpoint-*"))
+            saved = "model saved; " if args.save_model else ""
+            lines.append(
+                f"  output:     {args.output_dir} ({saved}checkpoints: {', '.join(checkpoints) or 'none'}; "
+                "log: trainer_state.json)"
+            )
+        if outcome["adapter"] is not None:
+            lines.append(f"  adapter:    {outcome['adapter']}")
+    logger.info("\n".join(lines))
 
 
 def main(argv=None):

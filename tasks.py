@@ -10,6 +10,7 @@ import gzip
 import json
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,11 @@ from utils import UsageError, temp_seed
 logger = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "LOZO_DATA_DIR"
+# Hub repositories of MeZO's datasets under their current names. GLUE, BoolQ, SQuAD and DROP are plain
+# data files; SuperGLUE still ships a loading script, which datasets 4+ refuses, so it is read from the
+# hub's automatic Parquet conversion instead (same rows and features).
+GLUE, SUPER_GLUE = "nyu-mll/glue", "aps/super_glue"
+PARQUET_REVISION = "refs/convert/parquet"
 SPLIT_FILES = {"train": "train", "valid": "validation"}  # our split name -> file / hub split name
 
 
@@ -111,6 +117,32 @@ def _quiet_datasets():
         datasets.logging.set_verbosity(verbosity)
         if not bars_were_disabled:
             datasets.enable_progress_bars()
+
+
+def load_hub_dataset(path, config):
+    """datasets.load_dataset, falling back to the hub's Parquet conversion of a repository that still ships
+    a loading script (datasets 4+ no longer runs them)."""
+    try:
+        return datasets.load_dataset(path, config)
+    except RuntimeError as error:
+        if "scripts are no longer supported" not in str(error):
+            raise
+        return datasets.load_dataset(path, config, revision=PARQUET_REVISION)
+
+
+def hub_unreachable(host="huggingface.co", timeout=3.0):
+    """Why the hub cannot be reached ("offline (HF_HUB_OFFLINE)", "unreachable (...)"), or None — asked
+    once, quickly, instead of letting the hub client retry for a minute."""
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(variable, "").lower() in ("1", "true", "yes", "on"):
+            return f"offline ({variable})"
+    if any(os.environ.get(variable) for variable in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY")):
+        return None  # through a proxy: let the hub client find out
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as error:
+        return f"unreachable ({_one_line(error)})"
+    return None
 
 
 def _one_line(text):
@@ -207,9 +239,16 @@ class Dataset:
 
     def read_hub_splits(self):
         name = "/".join(part for part in (self.hub_path, self.hub_config) if part)
+        offline = hub_unreachable()
+        if offline:
+            raise UsageError(
+                f"no local data for {self.task_name} and the Hugging Face hub is {offline}; set "
+                f"{DATA_DIR_ENV} or --data_dir to a folder with <task>/{{train,validation}}.jsonl "
+                "(the offline copies: ../shared/data)"
+            )
         try:
             with _quiet_datasets():
-                loaded = datasets.load_dataset(self.hub_path, self.hub_config)
+                loaded = load_hub_dataset(self.hub_path, self.hub_config)
         except Exception as error:
             raise UsageError(
                 f"could not load hub dataset {name} ({_one_line(error)}); "
@@ -333,47 +372,47 @@ class LabelDataset(Dataset):
 
 
 class SST2Dataset(LabelDataset):
-    task_name, folder, hub_path, hub_config = "SST2", "sst2", "glue", "sst2"
+    task_name, folder, hub_path, hub_config = "SST2", "sst2", GLUE, "sst2"
     required_fields = ("sentence", "label", "idx")
     template_classes = {0: templates.SST2Template}
     id_field = "idx"
 
 
 class RTEDataset(LabelDataset):
-    task_name, folder, hub_path, hub_config = "RTE", "rte", "super_glue", "rte"
+    task_name, folder, hub_path, hub_config = "RTE", "rte", SUPER_GLUE, "rte"
     required_fields = ("premise", "hypothesis", "label")
     template_classes = {0: templates.RTETemplate}
 
 
 class CBDataset(LabelDataset):
-    task_name, folder, hub_path, hub_config = "CB", "cb", "super_glue", "cb"
+    task_name, folder, hub_path, hub_config = "CB", "cb", SUPER_GLUE, "cb"
     required_fields = ("premise", "hypothesis", "label")
     template_classes = {0: templates.CBTemplate}
     num_labels = 3
 
 
 class WSCDataset(LabelDataset):
-    task_name, folder, hub_path, hub_config = "WSC", "wsc", "super_glue", "wsc.fixed"
+    task_name, folder, hub_path, hub_config = "WSC", "wsc", SUPER_GLUE, "wsc.fixed"
     required_fields = ("text", "span1_text", "span2_text", "label")
     template_classes = {0: templates.WSCTemplate}
 
 
 class WICDataset(LabelDataset):
-    task_name, folder, hub_path, hub_config = "WIC", "wic", "super_glue", "wic"
+    task_name, folder, hub_path, hub_config = "WIC", "wic", SUPER_GLUE, "wic"
     required_fields = ("word", "sentence1", "sentence2", "label")
     template_classes = {0: templates.WICTemplate}
 
 
 class MultiRCDataset(LabelDataset):
     # One sample per (paragraph, question, answer option) row: no grouping, plain accuracy.
-    task_name, folder, hub_path, hub_config = "MultiRC", "multirc", "super_glue", "multirc"
+    task_name, folder, hub_path, hub_config = "MultiRC", "multirc", SUPER_GLUE, "multirc"
     required_fields = ("paragraph", "question", "answer", "label")
     template_classes = {0: templates.MultiRCTemplate}
 
 
 class BoolQDataset(Dataset):
     # google/boolq (passage without title, boolean answer), not super_glue/boolq.
-    task_name, folder, hub_path, hub_config = "BoolQ", "boolq", "boolq", None
+    task_name, folder, hub_path, hub_config = "BoolQ", "boolq", "google/boolq", None
     required_fields = ("question", "passage", "answer")
     # MeZO's numbering: version 2 (its third variant) is the default.
     template_classes = {
@@ -391,7 +430,7 @@ class BoolQDataset(Dataset):
 
 
 class CopaDataset(Dataset):
-    task_name, folder, hub_path, hub_config = "Copa", "copa", "super_glue", "copa"
+    task_name, folder, hub_path, hub_config = "Copa", "copa", SUPER_GLUE, "copa"
     required_fields = ("premise", "choice1", "choice2", "question", "label", "idx")
     template_classes = {0: templates.CopaTemplate}
 
@@ -405,7 +444,7 @@ class CopaDataset(Dataset):
 
 class ReCoRDDataset(Dataset):
     # Candidates keep the dataset's entity order (it decides ties and the training target index).
-    task_name, folder, hub_path, hub_config = "ReCoRD", "record", "super_glue", "record"
+    task_name, folder, hub_path, hub_config = "ReCoRD", "record", SUPER_GLUE, "record"
     required_fields = ("passage", "query", "entities", "answers")
     template_classes = {0: templates.ReCoRDTemplateGPT3}
 
@@ -432,14 +471,14 @@ class GenerationDataset(Dataset):
 
 
 class SQuADDataset(GenerationDataset):
-    task_name, folder, hub_path, hub_config = "SQuAD", "squad", "squad", None
+    task_name, folder, hub_path, hub_config = "SQuAD", "squad", "rajpurkar/squad", None
     required_fields = ("title", "context", "question", "answers")
     template_classes = {0: templates.SQuADv2Template}
     answers_field = ("answers", "text")
 
 
 class DROPDataset(GenerationDataset):
-    task_name, folder, hub_path, hub_config = "DROP", "drop", "drop", None
+    task_name, folder, hub_path, hub_config = "DROP", "drop", "ucinlp/drop", None
     required_fields = ("passage", "question", "answers_spans")
     template_classes = {0: templates.DROPTemplate}
     answers_field = ("answers_spans", "spans")

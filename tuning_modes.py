@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 
 import numpy as np
 import torch
@@ -31,6 +32,15 @@ def untie_embeddings(model):
 
 def apply_tuning_mode(model, args):
     """Freeze or wrap `model` for the chosen mode; returns the model to train and evaluate."""
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing` while wrapping; nothing to act on.
+        warnings.filterwarnings(
+            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        return _apply_tuning_mode(model, args)
+
+
+def _apply_tuning_mode(model, args):
     if args.load_adapter:
         model = PeftModel.from_pretrained(model, args.load_adapter, is_trainable=args.trainer != "none")
     elif args.lora:

@@ -1,4 +1,8 @@
-"""Shared helpers: errors, seeding, prompt encoding, collators, the option loss, result files, models."""
+"""Shared helpers: errors, seeding, prompt encoding, collators, the option loss, result files, models.
+
+python utils.py prepare-model smollm2    # the offline model, once
+python utils.py summarize result/quickstart   # results in a folder and the files written there
+"""
 
 import contextlib
 import functools
@@ -277,14 +281,22 @@ def cpu_lacks_fast_matmul(dtype):
 # Results
 
 
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_json_atomic(obj, path):
-    """Write JSON through a temporary file and a rename, so a crash never leaves a half-written result."""
+    """Write JSON through a temporary file and a rename, so a crash never leaves a half-written result.
+    The file gets the permissions an ordinary open() would give it (mkstemp's are owner-only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -293,6 +305,12 @@ def write_json_atomic(obj, path):
 
 def write_metrics_to_file(metrics, output):
     write_json_atomic(metrics, output)
+
+
+def read_result(path):
+    """(metrics, run) of a result file; run is {} for files written before results carried their run."""
+    data = json.loads(Path(path).read_text())
+    return {k: v for k, v in data.items() if k != "run"}, data.get("run", {})
 
 
 def fsync_folder(folder):
@@ -361,9 +379,39 @@ def prepare_smollm2(out_dir=DEFAULT_MODEL_DIR):
     return out_dir
 
 
+def summarize(folder):
+    """The results under `folder` (metrics, and what produced them) and every file written there."""
+    folder = Path(folder)
+    lines = []
+    for path in sorted(folder.rglob("*.json")):
+        metrics, run = read_result(path)
+        if not run:
+            continue  # not a result file (trainer state, checkpoint metadata, ...)
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        settings = run.get("settings", {})
+        dtype = (
+            "bfloat16"
+            if settings.get("load_bfloat16")
+            else "float16"
+            if settings.get("load_float16")
+            else "float32"
+        )
+        lines.append(
+            f"{path}: {shown}  ({run['task']}, trainer {run['trainer']}, {dtype}, {run['wall_time_s']:.0f} s)"
+        )
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and "checkpoint-" not in str(p)]
+    lines += ["files:", *(f"  {p}" for p in files)]
+    checkpoints = sorted({p.parent for p in folder.rglob("checkpoint-*/trainer_state.json")})
+    lines += [f"  {p}/ (checkpoint)" for p in checkpoints]
+    return "\n".join(lines)
+
+
 def main(argv):
+    if argv[:1] == ["summarize"] and len(argv) == 2:
+        print(summarize(argv[1]))
+        return 0
     if argv[:2] != ["prepare-model", "smollm2"]:
-        print("usage: python utils.py prepare-model smollm2 [OUT_DIR]", file=sys.stderr)
+        print("usage: python utils.py prepare-model smollm2 [OUT_DIR] | summarize FOLDER", file=sys.stderr)
         return 2
     try:
         out = prepare_smollm2(argv[2] if len(argv) > 2 else DEFAULT_MODEL_DIR)

@@ -58,10 +58,12 @@ class InPlaceLOZO:
         return gaussian((p.shape[0], self.rank) if p.dim() == 2 else p.shape, seed, p.device)
 
     def add(self, p, i, left, alpha):
+        """p ← round(p + alpha·left·Vᵀ): computed in float32, rounded once, as addmm_ in p's dtype does
+        (written out because a float16 addmm_ on a CPU without float16 matrix units is ~80× slower)."""
         if p.dim() == 2:
-            p.data.addmm_(left.to(p.dtype), self.V[i].T.to(p.dtype), alpha=alpha)
+            p.data.copy_(torch.addmm(p.data.float(), left, self.V[i].T, alpha=alpha))
         else:
-            p.data.add_(left.to(p.dtype), alpha=alpha)
+            p.data.copy_(p.data.float().add_(left, alpha=alpha))
 
     def take_step(self, g):
         if self.step_count % self.interval == 0:

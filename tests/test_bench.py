@@ -53,5 +53,5 @@ def test_unknown_shape_is_a_one_line_error(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode != 0
     assert done.stderr.strip().splitlines() == [
-        "error: unknown shape shape:opt-7b; use one of: shape:opt-125m, shape:opt-350m"
+        "error: unknown shape shape:opt-7b; use one of: shape:opt-125m, shape:opt-350m, shape:opt-1.3b"
     ]

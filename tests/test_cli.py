@@ -6,9 +6,9 @@ lands there); a few run the script as a subprocess where the exit status and the
 """
 
 import gzip
-import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -102,7 +102,8 @@ def result_files(folder):
 
 
 def read_json(path):
-    return json.loads(Path(path).read_text())
+    """The metrics of a result file (what produced them is under "run", see test_results_carry_their_run)."""
+    return utils.read_result(path)[0]
 
 
 def accuracy_of(calls):
@@ -559,3 +560,105 @@ def test_lozo_settings_with_another_trainer_are_reported_as_ignored(caplog):
     with caplog.at_level(logging.WARNING, logger="run_lozo"):
         run_lozo.parse_args(["--trainer", "LOZO", "--rank_r", "4", "--train_set_seed", "0"])
     assert "ignored" not in caplog.text
+
+
+# ---- what a run tells and leaves behind ----
+
+
+def test_results_carry_their_run(cli, tmp_path, tiny_opt_dir):
+    """The metrics stay at the top level (older readers keep working); "run" says what produced them."""
+    out = tmp_path / "out"
+    argv = ["--task_name", "SST2", "--model_name", tiny_opt_dir, "--trainer", "LOZO", "--max_steps", 2]
+    argv += ["--num_train", 16, "--num_dev", 4, "--num_eval", 8, "--train_set_seed", 0, "--output_dir", out]
+    assert cli(*argv, "--learning_rate", 1e-3, "--logging_steps", 1) == 0
+    path = tmp_path / "result/SST2-tiny-opt-sampleeval8-ntrain16-ndev4-trainset0.json"
+    metrics, run = utils.read_result(path)
+    assert set(metrics) == {"accuracy", "dev_accuracy"}
+    assert (run["task"], run["model"], run["trainer"]) == ("SST2", str(tiny_opt_dir), "LOZO")
+    settings = run["settings"]
+    assert settings["learning_rate"] == 1e-3 and settings["zo_eps"] == 1e-3 and settings["rank_r"] == 2
+    assert settings["step_interval"] == 50 and settings["seed"] == 42 and settings["max_steps"] == 2
+    assert settings["data_dir"] == os.environ[tasks.DATA_DIR_ENV] and not settings["load_bfloat16"]
+    assert run["samples"] == {"train set seed": 0, "eval": 8, "train": 16, "dev": 4}
+    assert set(run["versions"]) == {"python", "torch", "transformers", "datasets", "accelerate", "peft"}
+    assert torch.__version__.startswith(run["versions"]["torch"])
+    assert run["commit"] is None or re.fullmatch(r"[0-9a-f]{40}(\+changes)?", run["commit"])
+    assert run["wall_time_s"] > 0 and np.isfinite(run["train_loss_last_logged"])
+    assert run["log_history"] == str(out / "trainer_state.json") and os.path.isfile(run["log_history"])
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~utils.current_umask()  # not mkstemp's 0600
+
+
+def test_result_files_written_before_runs_were_recorded_still_load(tmp_path):
+    (tmp_path / "old.json").write_text('{"accuracy": 0.688, "dev_accuracy": 0.71}')
+    assert utils.read_result(tmp_path / "old.json") == ({"accuracy": 0.688, "dev_accuracy": 0.71}, {})
+
+
+def test_every_run_ends_with_a_summary_of_metrics_and_files(cli, caplog, tmp_path, tiny_opt_dir):
+    out = tmp_path / "out"
+    argv = ["--task_name", "SST2", "--model_name", tiny_opt_dir, "--trainer", "zo", "--max_steps", 2]
+    argv += ["--num_train", 8, "--num_eval", 4, "--train_set_seed", 0, "--output_dir", out, "--lora"]
+    argv += ["--save_strategy", "steps", "--save_steps", 2]
+    with caplog.at_level(logging.INFO):
+        assert cli(*argv) == 0
+    summary = caplog.records[-1].getMessage().splitlines()
+    assert summary[0].startswith("done in ") and "trainer zo" in summary[0]
+    assert re.fullmatch(r"  accuracy \d\.?\d*", summary[1])
+    assert summary[2] == "  result:     result/SST2-tiny-opt-sampleeval4-ntrain8-trainset0.json"
+    assert summary[3] == f"  output:     {out} (checkpoints: checkpoint-2; log: trainer_state.json)"
+    assert summary[4] == "  adapter:    result/SST2-tiny-opt-sampleeval4-ntrain8-trainset0-adapter"
+
+
+def test_the_argument_dump_shows_what_differs_from_the_defaults(cli, caplog, tiny_opt_dir):
+    with caplog.at_level(logging.INFO):
+        assert cli("--task_name", "SST2", "--model_name", tiny_opt_dir, "--num_eval", 2) == 0
+    dump = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("arguments"))
+    lines = dump.splitlines()[1:]
+    assert lines == [
+        f"  data_dir = {os.environ[tasks.DATA_DIR_ENV]!r}",  # from $LOZO_DATA_DIR, always shown
+        f"  model_name = {str(tiny_opt_dir)!r}",
+        "  num_eval = 2",
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert cli("--task_name", "SST2", "--model_name", tiny_opt_dir, "--num_eval", 2, "--verbose") == 0
+    dump = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("arguments"))
+    assert "  zo_eps = 0.001" in dump and "  learning_rate = 5e-05" in dump and len(dump.splitlines()) > 100
+
+
+def test_help_lists_the_projects_options_first_each_with_help_and_values():
+    parser = run_lozo.build_parser()
+    text = parser.format_help()
+    assert text.index("--task_name") < text.index("--trainer") < text.index("--output_dir")
+    assert "SST2, RTE, CB, BoolQ, WSC, WIC, MultiRC, Copa, ReCoRD, SQuAD, DROP" in " ".join(text.split())
+    assert "none, regular, zo, LOZO" in " ".join(text.split())
+    ours = set(OUR_OPTIONS)
+    helped = {action.dest: action.help for action in parser._actions if action.dest in ours}
+    assert set(helped) == ours and all(helped.values()), [k for k, v in helped.items() if not v]
+
+
+OUR_OPTIONS = [
+    name
+    for name in run_lozo.OurArguments.__dataclass_fields__
+    if name not in run_lozo.TrainingArguments.__dataclass_fields__
+]
+
+
+def test_a_mistyped_local_model_folder_fails_at_once_with_a_suggestion(cli, capsys, tmp_path):
+    (tmp_path / "models" / "SmolLM2-135M").mkdir(parents=True)
+    assert cli("--task_name", "SST2", "--model_name", "models/SmolLM2-135m", "--num_eval", 2) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .startswith(
+            "error: model folder models/SmolLM2-135m does not exist (did you mean models/SmolLM2-135M?)"
+        )
+    )
+
+
+def test_evaluating_saved_adapters_names_the_result_by_adapter():
+    args = run_lozo.parse_args(
+        ["--task_name", "SST2", "--model_name", "facebook/opt-125m", "--train_set_seed", "0"]
+    )
+    args.load_adapter = "result/run-a-adapter/"
+    assert run_lozo.result_file_tag(args) == "SST2-opt-125m-adapter-run-a-adapter"

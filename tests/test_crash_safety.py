@@ -149,8 +149,8 @@ def test_last_skips_damaged_checkpoints_and_an_explicit_damaged_one_is_a_one_lin
     refused = subprocess.run(explicit, capture_output=True, text=True)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert refused.stderr.strip().splitlines()[-1] == (
-        f"error: --resume_from_checkpoint {tmp_path / 'checkpoint-16'}: trainer_state.json is missing; give a "
-        "complete checkpoint folder, or `last` for the newest complete one in --output_dir"
+        f"error: --resume_from_checkpoint {tmp_path / 'checkpoint-16'}: trainer_state.json is missing; "
+        "give a complete checkpoint folder, or `last` for the newest complete one in --output_dir"
     )
     done = subprocess.run(argv, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,11 +1,17 @@
 """The shell launchers read every setting from the environment and pass extra arguments through."""
 
-import json
 import os
+import re
+import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
+import torch
+
+import run_lozo
+import tasks
+from utils import UsageError, read_result
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,14 +65,15 @@ def test_lozo_sh_takes_its_settings_from_the_environment(tiny_opt_dir, data_dir,
         assert setting in done.stderr, setting
     tag = "lozo-sgdm-ft-2-4-0.0001-0.01-r3-nu7-1"
     result = tmp_path / "result" / f"CB-tiny-opt-sampleeval4-ntrain8-ndev4-{tag}-trainset0.json"
-    assert set(json.loads(result.read_text())) == {"accuracy", "dev_accuracy"}
+    metrics, run = read_result(result)
+    assert set(metrics) == {"accuracy", "dev_accuracy"} and run["settings"]["rank_r"] == 3
 
 
 def test_mezo_sh_uses_mezo_and_copa_trains_on_the_gold_sequence(tiny_opt_dir, data_dir, tmp_path):
     env = dict(
         MODEL=tiny_opt_dir, TASK="Copa", TRAIN=8, EVAL=4, BS=4, STEPS=1, EVAL_STEPS=1, LOZO_DATA_DIR=data_dir
     )
-    done = launch("mezo.sh", env, "--no_eval", tmp_path=tmp_path)
+    done = launch("mezo.sh", env, "--no_eval", "--verbose", tmp_path=tmp_path)  # all arguments logged
     assert done.returncode == 0, done.stderr[-3000:]
     assert "trainer = 'zo'" in done.stderr and "train_as_classification = False" in done.stderr
     assert "num_dev = 100" in done.stderr  # MeZO's Copa dev size
@@ -77,7 +84,7 @@ def test_icl_sh_defaults_and_passthrough(tiny_opt_dir, data_dir, tmp_path):
     done = launch("icl.sh", env, "--sfc", tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     result = tmp_path / "result" / "SST2-tiny-opt-sfc-sampleeval3-ntrain2-icl-onetrainpereval.json"
-    assert 0 <= json.loads(result.read_text())["accuracy"] <= 1
+    assert 0 <= read_result(result)[0]["accuracy"] <= 1
 
 
 def test_unknown_mode_is_a_one_line_error(tiny_opt_dir, tmp_path):
@@ -106,7 +113,7 @@ def test_mode_selects_the_parameters_and_mezo_defaults(mode, tiny_opt_dir, data_
     env = dict(
         MODEL=tiny_opt_dir, MODE=mode, TRAIN=8, EVAL=4, BS=4, STEPS=1, EVAL_STEPS=1, LOZO_DATA_DIR=data_dir
     )
-    done = launch("mezo.sh", env, "--num_dev", "4", tmp_path=tmp_path)
+    done = launch("mezo.sh", env, "--num_dev", "4", "--verbose", tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     for setting in [*flags, f"learning_rate = {float(zo_lr)!r}", f"zo_eps = {float(zo_eps)!r}"]:
         assert setting in done.stderr, setting
@@ -115,7 +122,9 @@ def test_mode_selects_the_parameters_and_mezo_defaults(mode, tiny_opt_dir, data_
     )
     assert (adapter.parent / f"{adapter.name}-trainset0-adapter" / "adapter_config.json").is_file()
 
-    done = launch("finetune.sh", dict(env, EPOCH=1), "--num_dev", "4", "--no_eval", tmp_path=tmp_path)
+    done = launch(
+        "finetune.sh", dict(env, EPOCH=1), "--num_dev", "4", "--no_eval", "--verbose", tmp_path=tmp_path
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"learning_rate = {float(fo_lr)!r}" in done.stderr and flags[0] in done.stderr
 
@@ -152,3 +161,46 @@ def test_precision_is_honoured(precision, expected, tiny_opt_dir, data_dir, tmp_
         if expected
         else ("load_float16 = True" not in half and "load_bfloat16 = True" not in half)
     )
+
+
+LAUNCHERS = ("lozo.sh", "mezo.sh", "finetune.sh", "finetune_fsdp.sh", "icl.sh")
+
+
+def readme_launcher_examples():
+    """Every `... bash <launcher>.sh ...` line of the README's bash blocks, continuation lines joined."""
+    text = (REPO / "README.md").read_text()
+    examples = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" # ")[0].strip()
+            if any(f"bash {name}" in line for name in LAUNCHERS):
+                examples.append(line)
+    return examples
+
+
+def test_readme_has_launcher_examples():
+    assert len(readme_launcher_examples()) >= 8
+
+
+@pytest.mark.parametrize("example", readme_launcher_examples())
+def test_every_readme_launcher_example_builds_a_valid_command(example, monkeypatch):
+    """Run as written (with DRY_RUN=1: the launcher prints its command), then check that run_lozo accepts
+    the command's arguments: model folders exist, settings are valid, the data folder is set."""
+    words = shlex.split(example)
+    env = dict(os.environ, DRY_RUN="1", LOZO_DATA_DIR=str(REPO.parent / "shared" / "data"))
+    while "=" in words[0]:
+        name, _, value = words.pop(0).partition("=")
+        env[name] = value
+    assert words[0] == "bash" and words[1] in LAUNCHERS, example
+    done = subprocess.run(["bash", *words[1:]], cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    printed = shlex.split(done.stdout.strip().splitlines()[-1])
+    argv = printed[printed.index("run_lozo.py") + 1 :]
+    monkeypatch.chdir(REPO)  # the launchers run from the repository
+    monkeypatch.setenv(tasks.DATA_DIR_ENV, env["LOZO_DATA_DIR"])
+    if "--fsdp" in argv and not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="--fsdp needs GPUs"):
+            run_lozo.parse_args(argv)
+        return
+    args = run_lozo.parse_args(argv)
+    assert args.data_dir and os.path.isdir(args.data_dir)

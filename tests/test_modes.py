@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 import run_lozo
 import tasks
 from tuning_modes import random_token_ids
+from utils import read_result
 
 TRAINERS = {
     "regular": ["--trainer", "regular"],
@@ -194,12 +195,13 @@ def test_saved_adapter_reloads_and_reproduces_the_score(
         "--trainer", "LOZO", "--num_train", "16", "--max_steps", "4",
         "--per_device_train_batch_size", "8", "--learning_rate", "1e-1", "--train_as_classification",
     )  # fmt: skip
-    trained = json.loads((tmp_path / "result/SST2-tiny-opt-sampleeval32-ntrain16-trainset0.json").read_text())
+    trained = tmp_path / "result/SST2-tiny-opt-sampleeval32-ntrain16-trainset0.json"
     adapter = tmp_path / "result/SST2-tiny-opt-sampleeval32-ntrain16-trainset0-adapter"
     assert (adapter / "adapter_config.json").is_file()
     reloaded = ["--load_adapter", str(adapter), "--result_file", "reloaded.json"]
     run_cli(monkeypatch, tmp_path, data_dir, *common, *reloaded)
-    assert json.loads((tmp_path / "reloaded.json").read_text()) == trained
+    reloaded_metrics, run = read_result(tmp_path / "reloaded.json")
+    assert reloaded_metrics == read_result(trained)[0] and run["settings"]["load_adapter"] == str(adapter)
 
     # The saved adapter holds the trained values, not the initial ones.
     fresh = make_framework(tiny_opt_dir, sst2, tmp_path, *MODES[mode][0], "--trainer", "LOZO").model

@@ -362,37 +362,81 @@ def test_squad_row_without_answers_is_an_error(tmp_path):
 
 
 HUB_IDS = {
-    "SST2": ("glue", "sst2"),
-    "RTE": ("super_glue", "rte"),
-    "CB": ("super_glue", "cb"),
-    "BoolQ": ("boolq", None),
-    "WSC": ("super_glue", "wsc.fixed"),
-    "WIC": ("super_glue", "wic"),
-    "MultiRC": ("super_glue", "multirc"),
-    "Copa": ("super_glue", "copa"),
-    "ReCoRD": ("super_glue", "record"),
-    "SQuAD": ("squad", None),
-    "DROP": ("drop", None),
+    "SST2": ("nyu-mll/glue", "sst2"),
+    "RTE": ("aps/super_glue", "rte"),
+    "CB": ("aps/super_glue", "cb"),
+    "BoolQ": ("google/boolq", None),
+    "WSC": ("aps/super_glue", "wsc.fixed"),
+    "WIC": ("aps/super_glue", "wic"),
+    "MultiRC": ("aps/super_glue", "multirc"),
+    "Copa": ("aps/super_glue", "copa"),
+    "ReCoRD": ("aps/super_glue", "record"),
+    "SQuAD": ("rajpurkar/squad", None),
+    "DROP": ("ucinlp/drop", None),
 }
 
 
-def test_without_a_data_dir_tasks_load_from_the_hub(monkeypatch):
+@pytest.fixture
+def online(monkeypatch):
+    """As if the hub answered (there is no network here): only datasets.load_dataset is simulated."""
     monkeypatch.delenv(tasks.DATA_DIR_ENV, raising=False)
+    monkeypatch.setattr(tasks, "hub_unreachable", lambda: None)
+
+
+def test_without_a_data_dir_tasks_load_from_the_hub(online, monkeypatch):
     requested = []
 
-    def offline_hub(path, name=None, **kwargs):
+    def failing_hub(path, name=None, **kwargs):
         requested.append((path, name))
-        raise ConnectionError("offline")
+        raise ConnectionError("connection reset")
 
-    monkeypatch.setattr(datasets, "load_dataset", offline_hub)
+    monkeypatch.setattr(datasets, "load_dataset", failing_hub)
     for task_name in HUB_IDS:
-        with pytest.raises(UsageError, match="could not load hub dataset .*offline.*LOZO_DATA_DIR"):
+        with pytest.raises(UsageError, match="could not load hub dataset .*connection reset.*LOZO_DATA_DIR"):
             tasks.get_task(task_name)
     assert requested == list(HUB_IDS.values())
 
 
-def test_hub_rows_become_samples(monkeypatch):
+def test_a_hub_repository_with_a_loading_script_is_read_from_its_parquet_conversion(online, monkeypatch):
+    """datasets 4+ refuses loading scripts (SuperGLUE still has one): the main revision fails as it does
+    in datasets 5, the automatic Parquet conversion then gives the rows."""
+    rows = [{"premise": "p", "hypothesis": "h", "idx": 0, "label": 1}]
+    hub = datasets.DatasetDict({split: datasets.Dataset.from_list(rows) for split in ("train", "validation")})
+    requested = []
+
+    def hub_with_a_script(path, name=None, revision=None, **kwargs):
+        requested.append(revision)
+        if revision != "refs/convert/parquet":
+            raise RuntimeError("Dataset scripts are no longer supported, but found super_glue.py")
+        return hub
+
+    monkeypatch.setattr(datasets, "load_dataset", hub_with_a_script)
+    assert tasks.get_task("RTE").valid_samples[0].correct_candidate == 1
+    assert requested == [None, "refs/convert/parquet"]
+
+
+def test_offline_without_a_data_folder_fails_at_once_naming_it(monkeypatch):
     monkeypatch.delenv(tasks.DATA_DIR_ENV, raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("the hub must not be asked"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(
+        UsageError,
+        match=r"no local data for SST2 and the Hugging Face hub is offline \(HF_HUB_OFFLINE\); set LOZO_DATA",
+    ):
+        tasks.get_task("SST2")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    for variable in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(variable, raising=False)
+
+    def no_route(*args, **kwargs):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(tasks.socket, "create_connection", no_route)
+    with pytest.raises(UsageError, match=r"hub is unreachable \(\[Errno -3\] Temporary failure"):
+        tasks.get_task("SST2")
+
+
+def test_hub_rows_become_samples(online, monkeypatch):
     rows = [{"premise": "p", "hypothesis": "h", "idx": 0, "label": 1}]
     hub = datasets.DatasetDict({split: datasets.Dataset.from_list(rows) for split in ("train", "validation")})
     monkeypatch.setattr(datasets, "load_dataset", lambda path, name=None, **kwargs: hub)

@@ -221,12 +221,16 @@ def test_lozo_m_momentum_follows_the_formulas():
         take_step(optimizer, g)
         U = regenerate(11, U_STREAM, step, 0, (6, rank)).double()
         V = regenerate(11, V_STREAM, step // interval, 0, (5, rank)).double()
-        if step % interval == 0 and V_old is not None:
+        z = regenerate(11, U_STREAM, step, 1, (6,)).double()
+        if step == 0:  # the released code's start: N₀ = g₀U₀, m₀ = g₀z₀ (not (1 − β) of them)
+            N, m = g * U, g * z
+        elif step % interval == 0:
             N = beta * N @ (V_old.T @ V) / 5 + (1 - beta) * g * U
         else:
             N = beta * N + (1 - beta) * g * U
+        if step > 0:
+            m = beta * m + (1 - beta) * g * z
         V_old = V
-        m = beta * m + (1 - beta) * g * regenerate(11, U_STREAM, step, 1, (6,)).double()
         torch.testing.assert_close(optimizer.momentum[0].double(), N, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(
             optimizer.effective_weight(weight) - w0, -lr * N @ V.T, atol=1e-6, rtol=1e-5
