@@ -317,12 +317,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     ):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         self.eps, self.seed, self.low_rank, self.in_place = eps, seed, low_rank, in_place
-        self.rank, self.step_interval, self.beta, self.merge_periods = (
-            rank,
-            step_interval,
-            momentum,
-            merge_periods,
-        )
+        self.rank, self.step_interval, self.beta = rank, step_interval, momentum
+        self.merge_periods = merge_periods
         self.tensors = [(i, p) for i, p in enumerate(p for g in self.param_groups for p in g["params"])]
         self.index = {id(p): i for i, p in self.tensors}
         self.names = names or {}
@@ -790,6 +786,11 @@ class LowRankTrainer(Trainer):
         model.eval()  # dropout off: both losses must see the same function
         inputs = self._prepare_inputs(inputs)
         optimizer = self.zo_optimizer
+        if isinstance(model, torch.nn.DataParallel) and optimizer.matrices:
+            raise UsageError(
+                "LOZO's hooks do not follow DataParallel's model copies (several GPUs in one process); "
+                "run one process per GPU with torchrun (NUM_GPU=N), or drop --no_auto_device"
+            )
         if self._micro_batches == 0:
             optimizer.begin_step()
             self._loss_sums = torch.zeros(3, dtype=torch.float64)

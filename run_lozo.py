@@ -164,6 +164,8 @@ class OurArguments(TrainingArguments):
         if self.num_test is not None:
             self.num_eval = self.num_test if self.num_eval is None else self.num_eval
         self.data_dir = tasks.resolve_data_dir(self.data_dir)  # the folder actually used, as logged
+        if self.data_dir is not None:
+            self.data_dir = os.path.abspath(self.data_dir)
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinned memory only helps copies to a GPU
         validate_arguments(self)
