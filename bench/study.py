@@ -1,0 +1,240 @@
+"""LOZO against MeZO at equal forward passes: SmolLM2-135M in bf16, three tasks × three train-set seeds.
+
+    python bench/study.py run              # every run that has no result yet, in order (resumable)
+    python bench/study.py run --only RTE   # the runs whose name contains RTE
+    python bench/study.py list             # the runs, done or not, with their commands (--dry-run style)
+    python bench/study.py tables           # the README's table and figure, from docs/study/ alone
+
+MeZO's protocol: 1,000 training and 100 dev samples drawn with train-set seed 0, 1, 2; accuracy on the
+whole validation split. Zeroth-order methods (LOZO, LOZO-M, MeZO) all take STEPS steps of batch 8, two
+forward passes each: the same number of forward passes. Their learning rate is chosen on seed 0's dev
+accuracy from the same grid for every method (LR_GRID), then the chosen rate runs on all three seeds.
+First-order fine-tuning (AdamW, 5 epochs) is the accuracy a zeroth-order method is chasing; zero-shot and
+in-context learning (32 demonstrations, one shared set per seed) are the floors.
+
+Each run writes its result JSON to docs/study/results/<name>.json and the loss / dev history of its
+trainer_state.json to docs/study/logs/<name>.json (small, committed), so the tables and the figure
+rebuild without rerunning. A run whose result exists is skipped, so an interrupted study resumes.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from utils import read_result  # noqa: E402
+
+DOCS = REPO / "docs" / "study"
+MODEL = REPO / "models" / "SmolLM2-135M"
+TASKS = ("SST2", "RTE", "WIC")
+SEEDS = (0, 1, 2)
+STEPS = 1000
+EVAL_EVERY = 250
+ZO_METHODS = {
+    "LOZO": ["--trainer", "LOZO", "--rank_r", "2", "--step_interval", "50"],
+    "LOZO-M": ["--trainer", "LOZO", "--rank_r", "2", "--step_interval", "50", "--lozo_optimizer", "sgdm"],
+    "MeZO": ["--trainer", "zo"],
+}
+LR_GRID = (1e-5, 2e-5, 5e-5)  # around the 2e-5 that the 300-step SST-2 runs used; the same for all three
+FT_LRS = (1e-5, 3e-5)
+
+
+def common(task, seed):
+    return [
+        "--task_name", task, "--model_name", str(MODEL), "--load_bfloat16",
+        "--data_dir", os.environ.get("LOZO_DATA_DIR", str(REPO.parent / "shared" / "data")),
+        "--train_set_seed", str(seed),
+    ]  # fmt: skip
+
+
+def zo_run(task, method, seed, lr):
+    return [
+        *common(task, seed), *ZO_METHODS[method], "--num_train", "1000", "--num_dev", "100",
+        "--per_device_train_batch_size", "8", "--learning_rate", str(lr), "--zo_eps", "1e-3",
+        "--lr_scheduler_type", "constant", "--max_steps", str(STEPS), "--logging_steps", "10",
+        "--eval_strategy", "steps", "--eval_steps", str(EVAL_EVERY), "--train_as_classification",
+    ]  # fmt: skip
+
+
+def ft_run(task, seed, lr):
+    return [
+        *common(task, seed), "--trainer", "regular", "--num_train", "1000", "--num_dev", "100",
+        "--per_device_train_batch_size", "8", "--learning_rate", str(lr), "--num_train_epochs", "5",
+        "--logging_steps", "10", "--eval_strategy", "epoch", "--train_as_classification",
+    ]  # fmt: skip
+
+
+def chosen_lr(task, method, grid):
+    """The grid's rate with the best seed-0 dev accuracy (ties: the smaller rate), once all have run."""
+    found = {}
+    for lr in grid:
+        path = DOCS / "results" / f"select-{task}-{method}-lr{lr:g}.json"
+        if not path.exists():
+            return None
+        found[lr] = read_result(path)[0]["dev_accuracy"]
+    return max(grid, key=lambda lr: (found[lr], -lr))
+
+
+def runs():
+    """(name, run_lozo arguments) in the order they run; final runs appear once their rate is chosen."""
+    planned = []
+    for task in TASKS:
+        planned.append((f"zero-shot-{task}", [*common(task, 0)[:-2], "--num_train", "0"]))
+        for seed in SEEDS:
+            planned.append((f"icl-{task}-seed{seed}", [*common(task, seed), "--num_train", "32"]))
+        for method in ZO_METHODS:
+            for lr in LR_GRID:
+                planned.append((f"select-{task}-{method}-lr{lr:g}", zo_run(task, method, 0, lr)))
+        for lr in FT_LRS:
+            planned.append((f"select-{task}-FT-lr{lr:g}", ft_run(task, 0, lr)))
+    for task in TASKS:
+        for method in [*ZO_METHODS, "FT"]:
+            lr = chosen_lr(task, method, FT_LRS if method == "FT" else LR_GRID)
+            if lr is None:
+                continue
+            for seed in SEEDS:
+                # Seed 0 at the chosen rate is the selection run itself: reused, not rerun.
+                name = f"{method}-{task}-seed{seed}"
+                if seed == 0:
+                    planned.append((name, f"select-{task}-{method}-lr{lr:g}"))
+                else:
+                    argv = ft_run(task, seed, lr) if method == "FT" else zo_run(task, method, seed, lr)
+                    planned.append((name, argv))
+    return planned
+
+
+def run_one(name, argv):
+    results, logs = DOCS / "results", DOCS / "logs"
+    if isinstance(argv, str):  # an alias of a selection run
+        for folder in (results, logs):
+            if (folder / f"{argv}.json").exists() and not (folder / f"{name}.json").exists():
+                (folder / f"{name}.json").write_text((folder / f"{argv}.json").read_text())
+        return
+    out = REPO / "result" / "study" / name
+    command = [sys.executable, str(REPO / "run_lozo.py"), *argv, "--output_dir", str(out)]
+    command += ["--result_file", str(results / f"{name}.json"), "--report_to", "none", "--tag", name]
+    began = time.time()
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"error: {name} failed:\n{done.stderr[-3000:]}")
+    state = out / "trainer_state.json"
+    if state.exists():  # keep the curves (small), not the run folder
+        history = json.loads(state.read_text())["log_history"]
+        logs.mkdir(parents=True, exist_ok=True)
+        (logs / f"{name}.json").write_text(json.dumps(history) + "\n")
+    print(f"{name}: {read_result(results / f'{name}.json')[0]} ({time.time() - began:.0f} s)", flush=True)
+
+
+def command_run(opts):
+    (DOCS / "results").mkdir(parents=True, exist_ok=True)
+    while True:  # selections finishing make final runs appear: plan again until nothing is left
+        pending = [
+            (n, a) for n, a in runs() if opts.only in n and not (DOCS / "results" / f"{n}.json").exists()
+        ]
+        if not pending:
+            break
+        run_one(*pending[0])
+
+
+def command_list(opts):
+    for name, argv in runs():
+        if opts.only in name:
+            done = "done" if (DOCS / "results" / f"{name}.json").exists() else "todo"
+            shown = argv if isinstance(argv, str) else " ".join(argv)
+            print(f"{done}  {name}: {shown}")
+
+
+# ---- tables and figure from docs/study/ ----
+
+ROWS = ["zero-shot", "icl", "LOZO", "LOZO-M", "MeZO", "FT"]
+
+
+def accuracies(row, task):
+    if row == "zero-shot":
+        names = [f"zero-shot-{task}"]
+    else:
+        names = [f"{row}-{task}-seed{seed}" for seed in SEEDS]
+    found = [DOCS / "results" / f"{n}.json" for n in names]
+    return [100 * read_result(p)[0]["accuracy"] for p in found if p.exists()]
+
+
+def cell(values):
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f} (n={len(values)})"
+
+
+def command_tables(opts):
+    lines = ["| method | " + " | ".join(TASKS) + " |", "|---|" + "---|" * len(TASKS)]
+    for row in ROWS:
+        label = {"icl": "ICL (32 demonstrations)", "FT": "FT (AdamW, 5 epochs)"}.get(row, row)
+        lines.append(f"| {label} | " + " | ".join(cell(accuracies(row, task)) for task in TASKS) + " |")
+    lines += ["", "Chosen learning rates (seed-0 dev accuracy):"]
+    for task in TASKS:
+        chosen = {m: chosen_lr(task, m, FT_LRS if m == "FT" else LR_GRID) for m in [*ZO_METHODS, "FT"]}
+        lines.append(f"- {task}: " + ", ".join(f"{m} {lr:g}" if lr else f"{m} —" for m, lr in chosen.items()))
+    print("\n".join(lines))
+    figure(DOCS / "curves.png")
+
+
+def curves(name):
+    path = DOCS / "logs" / f"{name}.json"
+    if not path.exists():
+        return None
+    history = json.loads(path.read_text())
+    loss = [(e["step"], e["loss"]) for e in history if "loss" in e]
+    dev = [(e["step"], e["eval_accuracy"]) for e in history if "eval_accuracy" in e]
+    return loss, dev
+
+
+def figure(path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    figure, axes = plt.subplots(2, len(TASKS), figsize=(5 * len(TASKS), 7), squeeze=False)
+    for column, task in enumerate(TASKS):
+        for method in ZO_METHODS:
+            found = [c for c in (curves(f"{method}-{task}-seed{s}") for s in SEEDS) if c]
+            if not found:
+                continue
+            for row, (index, label) in enumerate([(0, "training loss"), (1, "dev accuracy")]):
+                series = [np.array(c[index]) for c in found]
+                length = min(len(s) for s in series)
+                steps = series[0][:length, 0] * 2  # two forward passes a step
+                values = np.stack([s[:length, 1] for s in series])
+                mean, std = values.mean(0), values.std(0)
+                axis = axes[row][column]
+                axis.plot(steps, mean, label=f"{method} (n={len(found)})")
+                axis.fill_between(steps, mean - std, mean + std, alpha=0.2)
+                axis.set(title=f"{task}: {label}", xlabel="forward passes")
+                axis.grid(alpha=0.3)
+                axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    print(path)
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("command", choices=["run", "list", "tables"])
+    parser.add_argument("--only", default="", help="only the runs whose name contains this text")
+    opts = parser.parse_args()
+    {"run": command_run, "list": command_list, "tables": command_tables}[opts.command](opts)
+
+
+if __name__ == "__main__":
+    main()
