@@ -173,7 +173,7 @@ def readme_launcher_examples():
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" # ")[0].strip()
-            if any(f"bash {name}" in line for name in LAUNCHERS):
+            if not line.startswith("#") and any(f"bash {name}" in line for name in LAUNCHERS):
                 examples.append(line)
     return examples
 
