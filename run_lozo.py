@@ -113,8 +113,8 @@ class OurArguments(TrainingArguments):
     beta1: float = option(0.9, "LOZO-M: momentum β")
     merge_periods: int = option(
         8,
-        "LOZO: a matrix's updates stay as float32 low-rank factors beside its weights for this many V "
-        "periods, then are written into them at once (stochastically rounded in half precision)",
+        "LOZO: a matrix's updates stay as low-rank factors beside its weights for this many V periods, "
+        "then are written into them at once (stochastically rounded in half precision)",
     )
     zo_in_place: bool = option(
         False,

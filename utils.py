@@ -313,13 +313,14 @@ def read_result(path):
     return {k: v for k, v in data.items() if k != "run"}, data.get("run", {})
 
 
-def fsync_folder(folder):
-    """Flush a folder's files and its entry list to disk, so that a rename after it publishes data that a
-    machine crash cannot lose."""
-    for entry in os.scandir(folder):
-        if entry.is_file():
-            with open(entry.path, "rb") as f:
-                os.fsync(f.fileno())
+def fsync_folder(folder, files=True):
+    """Flush a folder's entry list (and, with `files`, the files in it) to disk, so that a rename after it
+    publishes data that a machine crash cannot lose."""
+    if files:
+        for entry in os.scandir(folder):
+            if entry.is_file():
+                with open(entry.path, "rb") as f:
+                    os.fsync(f.fileno())
     descriptor = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(descriptor)
@@ -338,7 +339,7 @@ def replace_folder(complete, path):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
     os.replace(complete, path)
-    fsync_folder(os.path.dirname(os.path.abspath(path)))
+    fsync_folder(os.path.dirname(os.path.abspath(path)), files=False)
     if old:
         shutil.rmtree(old)
 
@@ -385,20 +386,15 @@ def summarize(folder):
     lines = []
     for path in sorted(folder.rglob("*.json")):
         metrics, run = read_result(path)
-        if not run:
+        if not run and not {"accuracy", "f1"} & metrics.keys():
             continue  # not a result file (trainer state, checkpoint metadata, ...)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         settings = run.get("settings", {})
-        dtype = (
-            "bfloat16"
-            if settings.get("load_bfloat16")
-            else "float16"
-            if settings.get("load_float16")
-            else "float32"
+        dtype = next((d for d in ("bfloat16", "float16") if settings.get(f"load_{d}")), "float32")
+        about = (
+            f"  ({run['task']}, trainer {run['trainer']}, {dtype}, {run['wall_time_s']:.0f} s)" if run else ""
         )
-        lines.append(
-            f"{path}: {shown}  ({run['task']}, trainer {run['trainer']}, {dtype}, {run['wall_time_s']:.0f} s)"
-        )
+        lines.append(f"{path}: {shown}{about}")
     files = [p for p in sorted(folder.rglob("*")) if p.is_file() and "checkpoint-" not in str(p)]
     lines += ["files:", *(f"  {p}" for p in files)]
     checkpoints = sorted({p.parent for p in folder.rglob("checkpoint-*/trainer_state.json")})

@@ -662,3 +662,20 @@ def test_evaluating_saved_adapters_names_the_result_by_adapter():
     )
     args.load_adapter = "result/run-a-adapter/"
     assert run_lozo.result_file_tag(args) == "SST2-opt-125m-adapter-run-a-adapter"
+
+
+def test_summarize_lists_a_folders_results_and_files(cli, tmp_path, tiny_opt_dir):
+    out = tmp_path / "runs"
+    argv = ["--task_name", "SST2", "--model_name", tiny_opt_dir, "--num_eval", 2, "--load_bfloat16"]
+    assert cli(*argv, "--result_file", out / "zero-shot.json") == 0
+    (out / "old.json").write_text('{"accuracy": 0.5}')  # written before results carried their run
+    (out / "trainer_state.json").write_text('{"log_history": []}')
+    lines = utils.summarize(out).splitlines()
+    assert lines[0] == f"{out / 'old.json'}: accuracy 0.5"
+    assert re.fullmatch(
+        rf"{out / 'zero-shot.json'}: accuracy [0-9.]+  \(SST2, trainer none, bfloat16, \d+ s\)", lines[1]
+    )
+    assert lines[2:] == [
+        "files:",
+        *(f"  {out / name}" for name in ("old.json", "trainer_state.json", "zero-shot.json")),
+    ]
