@@ -2,6 +2,8 @@
 
     python bench/study.py run              # every run that has no result yet, in order (resumable)
     python bench/study.py run --only RTE   # the runs whose name contains RTE
+    python bench/study.py run --only MeZO --threads 1 & python bench/study.py run --skip MeZO --threads 1
+                                           # two workers side by side (MeZO's Gaussian draws use one core)
     python bench/study.py list             # the runs, done or not, with their commands (--dry-run style)
     python bench/study.py tables           # the README's table and figure, from docs/study/ alone
 
@@ -110,7 +112,7 @@ def runs():
     return planned
 
 
-def run_one(name, argv):
+def run_one(name, argv, opts):
     results, logs = DOCS / "results", DOCS / "logs"
     if isinstance(argv, str):  # an alias of a selection run
         for folder in (results, logs):
@@ -121,7 +123,8 @@ def run_one(name, argv):
     command = [sys.executable, str(REPO / "run_lozo.py"), *argv, "--output_dir", str(out)]
     command += ["--result_file", str(results / f"{name}.json"), "--report_to", "none", "--tag", name]
     began = time.time()
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads)) if opts.threads else None
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"error: {name} failed:\n{done.stderr[-3000:]}")
     state = out / "trainer_state.json"
@@ -136,16 +139,20 @@ def command_run(opts):
     (DOCS / "results").mkdir(parents=True, exist_ok=True)
     while True:  # selections finishing make final runs appear: plan again until nothing is left
         pending = [
-            (n, a) for n, a in runs() if opts.only in n and not (DOCS / "results" / f"{n}.json").exists()
+            (n, a) for n, a in runs() if wanted(n, opts) and not (DOCS / "results" / f"{n}.json").exists()
         ]
         if not pending:
             break
-        run_one(*pending[0])
+        run_one(*pending[0], opts)
+
+
+def wanted(name, opts):
+    return opts.only in name and not (opts.skip and opts.skip in name)
 
 
 def command_list(opts):
     for name, argv in runs():
-        if opts.only in name:
+        if wanted(name, opts):
             done = "done" if (DOCS / "results" / f"{name}.json").exists() else "todo"
             shown = argv if isinstance(argv, str) else " ".join(argv)
             print(f"{done}  {name}: {shown}")
@@ -232,6 +239,8 @@ def main():
     )
     parser.add_argument("command", choices=["run", "list", "tables"])
     parser.add_argument("--only", default="", help="only the runs whose name contains this text")
+    parser.add_argument("--skip", default="", help="not the runs whose name contains this text")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads of each run (0: its default)")
     opts = parser.parse_args()
     {"run": command_run, "list": command_list, "tables": command_tables}[opts.command](opts)
 
