@@ -22,6 +22,7 @@ rebuild without rerunning. A run whose result exists is skipped, so an interrupt
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -46,11 +47,13 @@ ZO_METHODS = {
 }
 LR_GRID = (1e-5, 2e-5, 5e-5)  # around the 2e-5 that the 300-step SST-2 runs used; the same for all three
 FT_LRS = (1e-5, 3e-5)
+# LOZO checkpoints at its merge points (8 periods of 50 steps), where saving adds no rounding of its own.
+SAVE_EVERY = {"LOZO": 400, "LOZO-M": 400, "MeZO": 100, "FT": 125}
 
 
-def common(task, seed):
+def common(task, seed, precision="--load_bfloat16"):
     return [
-        "--task_name", task, "--model_name", str(MODEL), "--load_bfloat16",
+        "--task_name", task, "--model_name", str(MODEL), precision,
         "--data_dir", os.environ.get("LOZO_DATA_DIR", str(REPO.parent / "shared" / "data")),
         "--train_set_seed", str(seed),
     ]  # fmt: skip
@@ -62,14 +65,25 @@ def zo_run(task, method, seed, lr):
         "--per_device_train_batch_size", "8", "--learning_rate", str(lr), "--zo_eps", "1e-3",
         "--lr_scheduler_type", "constant", "--max_steps", str(STEPS), "--logging_steps", "10",
         "--eval_strategy", "steps", "--eval_steps", str(EVAL_EVERY), "--train_as_classification",
+        *resumable(SAVE_EVERY[method]),
     ]  # fmt: skip
 
 
 def ft_run(task, seed, lr):
     return [
-        *common(task, seed), "--trainer", "regular", "--num_train", "1000", "--num_dev", "100",
+        # AdamW's steps (~lr) are far below a bf16 weight's last bit: float32 weights, bf16 autocast.
+        *common(task, seed, "--bf16"), "--trainer", "regular", "--num_train", "1000", "--num_dev", "100",
         "--per_device_train_batch_size", "8", "--learning_rate", str(lr), "--num_train_epochs", "5",
         "--logging_steps", "10", "--eval_strategy", "epoch", "--train_as_classification",
+        *resumable(SAVE_EVERY["FT"]),
+    ]  # fmt: skip
+
+
+def resumable(every):
+    """A run killed (or its session ended) continues from its newest checkpoint when the study reruns."""
+    return [
+        "--save_strategy", "steps", "--save_steps", str(every), "--save_total_limit", "1",
+        "--save_on_interrupt", "--resume_from_checkpoint", "last",
     ]  # fmt: skip
 
 
@@ -132,6 +146,8 @@ def run_one(name, argv, opts):
         history = json.loads(state.read_text())["log_history"]
         logs.mkdir(parents=True, exist_ok=True)
         (logs / f"{name}.json").write_text(json.dumps(history) + "\n")
+    for checkpoint in out.glob("checkpoint-*"):  # finished: the resume points are not needed any more
+        shutil.rmtree(checkpoint)
     print(f"{name}: {read_result(results / f'{name}.json')[0]} ({time.time() - began:.0f} s)", flush=True)
 
 
