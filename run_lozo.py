@@ -170,8 +170,9 @@ class OurArguments(TrainingArguments):
             self.dataloader_pin_memory = False  # pinned memory only helps copies to a GPU
         validate_arguments(self)
         warn_ignored_settings(self)
-        if world_size() > 1 and not torch.cuda.is_available():
-            # Else accelerate ignores torchrun's processes on a CPU-only machine: each would train alone.
+        if (world_size() > 1 or self.bf16) and not torch.cuda.is_available():
+            # Else accelerate ignores torchrun's processes on a CPU-only machine (each would train alone),
+            # and TrainingArguments refuses bf16 autocast on the CPU unless told it is the CPU.
             self.use_cpu = True
         if self.load_best_model_at_end and self.metric_for_best_model is None:
             self.metric_for_best_model = task_metric(self)

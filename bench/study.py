@@ -201,12 +201,31 @@ def command_tables(opts):
     for row in ROWS:
         label = {"icl": "ICL (32 demonstrations)", "FT": "FT (AdamW, 5 epochs)"}.get(row, row)
         lines.append(f"| {label} | " + " | ".join(cell(accuracies(row, task)) for task in TASKS) + " |")
-    lines += ["", "Chosen learning rates (seed-0 dev accuracy):"]
+    lines += ["", *selection_table(), "", "Chosen learning rates (seed-0 dev accuracy):"]
     for task in TASKS:
         chosen = {m: chosen_lr(task, m, FT_LRS if m == "FT" else LR_GRID) for m in [*ZO_METHODS, "FT"]}
         lines.append(f"- {task}: " + ", ".join(f"{m} {lr:g}" if lr else f"{m} —" for m, lr in chosen.items()))
     print("\n".join(lines))
     figure(DOCS / "curves.png")
+
+
+def selection_table():
+    """Every learning-rate run on seed 0 so far: dev accuracy (what selects), accuracy and wall time."""
+    lines = ["| task | method | lr | dev (100) | accuracy (validation) | final training loss | wall time |"]
+    lines.append("|---|---|---|---|---|---|---|")
+    for task in TASKS:
+        for method in [*ZO_METHODS, "FT"]:
+            for lr in FT_LRS if method == "FT" else LR_GRID:
+                path = DOCS / "results" / f"select-{task}-{method}-lr{lr:g}.json"
+                if not path.exists():
+                    continue
+                metrics, run = read_result(path)
+                loss, minutes = run.get("train_loss_last_logged"), run.get("wall_time_s", 0) / 60
+                lines.append(
+                    f"| {task} | {method} | {lr:g} | {100 * metrics['dev_accuracy']:.0f} | "
+                    f"{100 * metrics['accuracy']:.1f} | {loss:.3f} | {minutes:.0f} min |"
+                )
+    return lines
 
 
 def curves(name):
@@ -219,6 +238,20 @@ def curves(name):
     return loss, dev
 
 
+def plotted(task):
+    """(label, curves) per method: its seeds at the chosen rate (mean ± std over seeds) or, while the
+    selection is still running, each seed-0 rate that has finished."""
+    for method in ZO_METHODS:
+        found = [c for c in (curves(f"{method}-{task}-seed{s}") for s in SEEDS) if c]
+        if found:
+            yield f"{method} (n={len(found)})", found
+            continue
+        for lr in LR_GRID:
+            selection = curves(f"select-{task}-{method}-lr{lr:g}")
+            if selection:
+                yield f"{method} lr {lr:g} (seed 0)", [selection]
+
+
 def figure(path):
     import matplotlib
 
@@ -226,22 +259,22 @@ def figure(path):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    figure, axes = plt.subplots(2, len(TASKS), figsize=(5 * len(TASKS), 7), squeeze=False)
-    for column, task in enumerate(TASKS):
-        for method in ZO_METHODS:
-            found = [c for c in (curves(f"{method}-{task}-seed{s}") for s in SEEDS) if c]
-            if not found:
-                continue
-            for row, (index, label) in enumerate([(0, "training loss"), (1, "dev accuracy")]):
+    tasks = [task for task in TASKS if any(plotted(task))]  # while the study runs: the tasks begun
+    if not tasks:
+        return
+    figure, axes = plt.subplots(2, len(tasks), figsize=(5 * len(tasks), 7), squeeze=False)
+    for column, task in enumerate(tasks):
+        for label, found in plotted(task):
+            for row, (index, title) in enumerate([(0, "training loss"), (1, "dev accuracy")]):
                 series = [np.array(c[index]) for c in found]
                 length = min(len(s) for s in series)
                 steps = series[0][:length, 0] * 2  # two forward passes a step
                 values = np.stack([s[:length, 1] for s in series])
                 mean, std = values.mean(0), values.std(0)
                 axis = axes[row][column]
-                axis.plot(steps, mean, label=f"{method} (n={len(found)})")
+                axis.plot(steps, mean, label=label)
                 axis.fill_between(steps, mean - std, mean + std, alpha=0.2)
-                axis.set(title=f"{task}: {label}", xlabel="forward passes")
+                axis.set(title=f"{task}: {title}", xlabel="forward passes")
                 axis.grid(alpha=0.3)
                 axis.legend()
     figure.tight_layout()

@@ -1,0 +1,85 @@
+"""bench/study.py plans what MeZO's protocol says: every command is one run_lozo accepts, the learning rate
+is chosen on seed 0's dev accuracy only once the whole grid has run, and seed 0's final run is that
+selection run (not rerun)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+import run_lozo
+import tasks
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+import study  # noqa: E402
+
+
+@pytest.fixture
+def empty_study(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "DOCS", tmp_path)
+    (tmp_path / "results").mkdir()
+    return tmp_path
+
+
+def write_result(folder, name, dev, accuracy=0.5):
+    path = folder / "results" / f"{name}.json"
+    path.write_text(json.dumps({"accuracy": accuracy, "dev_accuracy": dev, "run": {"wall_time_s": 60.0}}))
+
+
+def test_every_planned_command_is_accepted(empty_study, tmp_path, monkeypatch):
+    if not study.MODEL.is_dir():
+        pytest.skip("models/SmolLM2-135M is made by install.sh")
+    monkeypatch.setenv(tasks.DATA_DIR_ENV, str(REPO.parent / "shared" / "data"))
+    for task in study.TASKS:  # every rate selected, so the final runs are planned too
+        for method in [*study.ZO_METHODS, "FT"]:
+            for lr in study.FT_LRS if method == "FT" else study.LR_GRID:
+                write_result(empty_study, f"select-{task}-{method}-lr{lr:g}", dev=0.6)
+    planned = study.runs()
+    names = [name for name, _ in planned]
+    assert len(names) == len(set(names))
+    for name, argv in planned:
+        if isinstance(argv, str):
+            continue
+        args = run_lozo.parse_args([*argv, "--output_dir", str(tmp_path / name)])
+        assert args.task_name in study.TASKS
+        if name.startswith(("select-", "LOZO", "MeZO", "FT")):
+            assert args.resume_from_checkpoint == "last" and args.save_on_interrupt
+            assert args.train_set_seed in study.SEEDS and args.num_train == 1000 and args.num_dev == 100
+
+
+def test_zeroth_order_methods_get_the_same_forward_passes_and_grid(empty_study):
+    steps = {}
+    for name, argv in study.runs():
+        if name.startswith("select-") and "-FT-" not in name:
+            steps.setdefault(argv[argv.index("--max_steps") + 1], set()).add(name.split("-lr")[0])
+    assert list(steps) == [str(study.STEPS)]
+    for task in study.TASKS:
+        for method in study.ZO_METHODS:
+            assert f"select-{task}-{method}" in steps[str(study.STEPS)]
+
+
+def test_rate_is_chosen_on_dev_once_the_grid_has_run(empty_study):
+    low, mid, high = study.LR_GRID
+    write_result(empty_study, f"select-SST2-LOZO-lr{low:g}", dev=0.70)
+    write_result(empty_study, f"select-SST2-LOZO-lr{mid:g}", dev=0.74)
+    assert study.chosen_lr("SST2", "LOZO", study.LR_GRID) is None
+    assert not any(name.startswith("LOZO-SST2") for name, _ in study.runs())
+    write_result(empty_study, f"select-SST2-LOZO-lr{high:g}", dev=0.74, accuracy=0.9)
+    assert study.chosen_lr("SST2", "LOZO", study.LR_GRID) == mid  # a tie goes to the smaller rate
+    final = dict(study.runs())
+    assert final["LOZO-SST2-seed0"] == f"select-SST2-LOZO-lr{mid:g}"  # reused, not rerun
+    seed1 = final["LOZO-SST2-seed1"]
+    assert seed1[seed1.index("--learning_rate") + 1] == str(mid)
+    assert seed1[seed1.index("--train_set_seed") + 1] == "1"
+
+
+def test_tables_rebuild_from_the_committed_files_alone(empty_study, capsys):
+    write_result(empty_study, "zero-shot-SST2", dev=0.0, accuracy=0.517)
+    for seed, accuracy in zip(study.SEEDS, (0.70, 0.72, 0.74), strict=True):
+        write_result(empty_study, f"MeZO-SST2-seed{seed}", dev=0.7, accuracy=accuracy)
+    study.command_tables(None)
+    printed = capsys.readouterr().out
+    assert "| zero-shot | 51.7 |" in printed
+    assert "| MeZO | 72.0 ± 2.0 (n=3) |" in printed
