@@ -87,15 +87,24 @@ def resumable(every):
     ]  # fmt: skip
 
 
-def chosen_lr(task, method, grid):
+def grid(method):
+    return FT_LRS if method == "FT" else LR_GRID
+
+
+def selection(task, method, lr):
+    """The name of the seed-0 run that tries this rate."""
+    return f"select-{task}-{method}-lr{lr:g}"
+
+
+def chosen_lr(task, method):
     """The grid's rate with the best seed-0 dev accuracy (ties: the smaller rate), once all have run."""
     found = {}
-    for lr in grid:
-        path = DOCS / "results" / f"select-{task}-{method}-lr{lr:g}.json"
+    for lr in grid(method):
+        path = DOCS / "results" / f"{selection(task, method, lr)}.json"
         if not path.exists():
             return None
         found[lr] = read_result(path)[0]["dev_accuracy"]
-    return max(grid, key=lambda lr: (found[lr], -lr))
+    return max(found, key=lambda lr: (found[lr], -lr))
 
 
 def runs():
@@ -107,19 +116,19 @@ def runs():
             planned.append((f"icl-{task}-seed{seed}", [*common(task, seed), "--num_train", "32"]))
         for method in ZO_METHODS:
             for lr in LR_GRID:
-                planned.append((f"select-{task}-{method}-lr{lr:g}", zo_run(task, method, 0, lr)))
+                planned.append((selection(task, method, lr), zo_run(task, method, 0, lr)))
         for lr in FT_LRS:
-            planned.append((f"select-{task}-FT-lr{lr:g}", ft_run(task, 0, lr)))
+            planned.append((selection(task, "FT", lr), ft_run(task, 0, lr)))
     for task in TASKS:
         for method in [*ZO_METHODS, "FT"]:
-            lr = chosen_lr(task, method, FT_LRS if method == "FT" else LR_GRID)
+            lr = chosen_lr(task, method)
             if lr is None:
                 continue
             for seed in SEEDS:
                 # Seed 0 at the chosen rate is the selection run itself: reused, not rerun.
                 name = f"{method}-{task}-seed{seed}"
                 if seed == 0:
-                    planned.append((name, f"select-{task}-{method}-lr{lr:g}"))
+                    planned.append((name, selection(task, method, lr)))
                 else:
                     argv = ft_run(task, seed, lr) if method == "FT" else zo_run(task, method, seed, lr)
                     planned.append((name, argv))
@@ -203,7 +212,7 @@ def command_tables(opts):
         lines.append(f"| {label} | " + " | ".join(cell(accuracies(row, task)) for task in TASKS) + " |")
     lines += ["", *selection_table(), "", "Chosen learning rates (seed-0 dev accuracy):"]
     for task in TASKS:
-        chosen = {m: chosen_lr(task, m, FT_LRS if m == "FT" else LR_GRID) for m in [*ZO_METHODS, "FT"]}
+        chosen = {m: chosen_lr(task, m) for m in [*ZO_METHODS, "FT"]}
         lines.append(f"- {task}: " + ", ".join(f"{m} {lr:g}" if lr else f"{m} —" for m, lr in chosen.items()))
     print("\n".join(lines))
     figure(DOCS / "curves.png")
@@ -215,8 +224,8 @@ def selection_table():
     lines.append("|---|---|---|---|---|---|---|")
     for task in TASKS:
         for method in [*ZO_METHODS, "FT"]:
-            for lr in FT_LRS if method == "FT" else LR_GRID:
-                path = DOCS / "results" / f"select-{task}-{method}-lr{lr:g}.json"
+            for lr in grid(method):
+                path = DOCS / "results" / f"{selection(task, method, lr)}.json"
                 if not path.exists():
                     continue
                 metrics, run = read_result(path)
@@ -247,9 +256,9 @@ def plotted(task):
             yield f"{method} (n={len(found)})", found
             continue
         for lr in LR_GRID:
-            selection = curves(f"select-{task}-{method}-lr{lr:g}")
-            if selection:
-                yield f"{method} lr {lr:g} (seed 0)", [selection]
+            found = curves(selection(task, method, lr))
+            if found:
+                yield f"{method} lr {lr:g} (seed 0)", [found]
 
 
 def figure(path):

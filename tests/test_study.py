@@ -34,8 +34,8 @@ def test_every_planned_command_is_accepted(empty_study, tmp_path, monkeypatch):
     monkeypatch.setenv(tasks.DATA_DIR_ENV, str(REPO.parent / "shared" / "data"))
     for task in study.TASKS:  # every rate selected, so the final runs are planned too
         for method in [*study.ZO_METHODS, "FT"]:
-            for lr in study.FT_LRS if method == "FT" else study.LR_GRID:
-                write_result(empty_study, f"select-{task}-{method}-lr{lr:g}", dev=0.6)
+            for lr in study.grid(method):
+                write_result(empty_study, study.selection(task, method, lr), dev=0.6)
     planned = study.runs()
     names = [name for name, _ in planned]
     assert len(names) == len(set(names))
@@ -64,10 +64,10 @@ def test_rate_is_chosen_on_dev_once_the_grid_has_run(empty_study):
     low, mid, high = study.LR_GRID
     write_result(empty_study, f"select-SST2-LOZO-lr{low:g}", dev=0.70)
     write_result(empty_study, f"select-SST2-LOZO-lr{mid:g}", dev=0.74)
-    assert study.chosen_lr("SST2", "LOZO", study.LR_GRID) is None
+    assert study.chosen_lr("SST2", "LOZO") is None
     assert not any(name.startswith("LOZO-SST2") for name, _ in study.runs())
     write_result(empty_study, f"select-SST2-LOZO-lr{high:g}", dev=0.74, accuracy=0.9)
-    assert study.chosen_lr("SST2", "LOZO", study.LR_GRID) == mid  # a tie goes to the smaller rate
+    assert study.chosen_lr("SST2", "LOZO") == mid  # a tie goes to the smaller rate
     final = dict(study.runs())
     assert final["LOZO-SST2-seed0"] == f"select-SST2-LOZO-lr{mid:g}"  # reused, not rerun
     seed1 = final["LOZO-SST2-seed1"]
