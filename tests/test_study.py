@@ -73,6 +73,8 @@ def test_rate_is_chosen_on_dev_once_the_grid_has_run(empty_study):
     seed1 = final["LOZO-SST2-seed1"]
     assert seed1[seed1.index("--learning_rate") + 1] == str(mid)
     assert seed1[seed1.index("--train_set_seed") + 1] == "1"
+    order = [name for name, _ in study.runs()]  # a task's seeds run before the next task begins
+    assert order.index("LOZO-SST2-seed2") < order.index("zero-shot-RTE")
 
 
 def test_tables_rebuild_from_the_committed_files_alone(empty_study, capsys):
