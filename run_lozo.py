@@ -7,6 +7,7 @@ Every `transformers.TrainingArguments` option is accepted too. Metrics land in
 result/<task>-<model>-<tags>.json.
 """
 
+import copy
 import dataclasses
 import difflib
 import enum
@@ -445,6 +446,7 @@ class Framework:
         self.can_cache_prompt = not (
             isinstance(self.model, PeftModel) and self.model.active_peft_config.is_prompt_learning
         )
+        self.kept_prompt = None  # (ids, KV cache) of a recent prompt: see prompt_cache
 
     # ---- scoring ----
 
@@ -464,9 +466,7 @@ class Framework:
         batch = {k: v.to(self.device) for k, v in batch.items()}
         mask = target_mask(batch["input_ids"], batch["attention_mask"], batch["option_len"], -1)
         if prefix:
-            prompt = torch.tensor([encodings[0][:prefix]], device=self.device)
-            # Only the cache is needed from the prompt: skip its projection onto the vocabulary.
-            cache = self.forward_last_position(prompt, use_cache=True).past_key_values
+            cache = self.prompt_cache(encodings[0][:prefix])
             cache.batch_repeat_interleave(len(encodings))
             batch["attention_mask"] = F.pad(batch["attention_mask"], (prefix, 0), value=1)
             logits = target_logits(self.model, batch, mask, past_key_values=cache)
@@ -474,6 +474,29 @@ class Framework:
             logits = target_logits(self.model, batch, mask)
         rows, log_probs = target_log_probs(logits, batch["input_ids"], mask)
         return [log_probs[rows == row].cpu() for row in range(len(encodings))]
+
+    def prompt_cache(self, prompt):
+        """The KV cache of `prompt` (ids). Samples evaluated with one demonstration set share the start of
+        their prompts, and a position's keys and values depend only on the ids up to it: the cache of a
+        recent prompt is kept and only the rest of each prompt runs, so in-context learning with one set
+        costs about what zero-shot does. Kept within one evaluate() only: the weights change between them."""
+        kept_ids, kept = self.kept_prompt or ((), None)
+        reused = common_prefix_length(kept_ids, prompt)
+        if reused < MIN_SHARED_PREFIX:
+            # Only the cache is needed from the prompt: skip its projection onto the vocabulary.
+            cache = self.forward_last_position(self.as_batch(prompt), use_cache=True).past_key_values
+            if all(getattr(layer, "is_croppable", False) for layer in getattr(cache, "layers", [None])):
+                self.kept_prompt = (prompt, copy.deepcopy(cache))
+            return cache
+        cache = copy.deepcopy(kept)
+        cache.crop(reused - len(kept_ids))
+        if reused < len(prompt):
+            rest = self.as_batch(prompt[reused:])
+            cache = self.forward_last_position(rest, past_key_values=cache, use_cache=True).past_key_values
+        return cache
+
+    def as_batch(self, ids):
+        return torch.tensor([list(ids)], device=self.device)
 
     def forward_last_position(self, input_ids, **kwargs):
         """The model on `input_ids`, projecting onto the vocabulary at the last position only."""
@@ -539,9 +562,13 @@ class Framework:
         rank, shards = self.eval_shard()
         predictions = []
         indices = range(rank, len(eval_samples), shards)
-        for i in tqdm(indices, desc=desc, disable=not eval_samples or rank > 0):
-            demos = train_samples[i] if one_train_set_per_eval_sample else train_samples
-            predictions.append(self.one_step_pred(demos, eval_samples[i]))
+        self.kept_prompt = None
+        try:
+            for i in tqdm(indices, desc=desc, disable=not eval_samples or rank > 0):
+                demos = train_samples[i] if one_train_set_per_eval_sample else train_samples
+                predictions.append(self.one_step_pred(demos, eval_samples[i]))
+        finally:
+            self.kept_prompt = None  # its keys and values belong to these weights (and free its memory)
         if shards > 1:
             parts = [None] * shards
             torch.distributed.all_gather_object(parts, predictions)
@@ -651,16 +678,22 @@ class Framework:
 MIN_SHARED_PREFIX = 32  # below this, caching the shared prompt saves less than it costs
 
 
+def common_prefix_length(a, b):
+    """How many leading ids `a` and `b` share."""
+    length = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        length += 1
+    return length
+
+
 def shared_prefix_length(encodings, option_lens):
     """How many leading ids all candidates share that no candidate scores (0 when not worth caching)."""
     if len(encodings) < 2:
         return 0
     unscored = min(len(ids) - n - 1 for ids, n in zip(encodings, option_lens, strict=True))
-    common = 0
-    for column in zip(*encodings, strict=False):
-        if any(token != column[0] for token in column):
-            break
-        common += 1
+    common = min(common_prefix_length(encodings[0], ids) for ids in encodings[1:])
     prefix = min(common, unscored)
     return prefix if prefix >= MIN_SHARED_PREFIX else 0
 

@@ -263,6 +263,37 @@ def test_smollm2_icl_scoring_picks_the_best_mean_option_log_prob(smollm2_dir, da
     assert picked == {0, 1}
 
 
+def test_smollm2_icl_runs_the_shared_demonstrations_once(smollm2_dir, data_dir, tmp_path):
+    argv = ["--task_name", "SST2", "--model_name", str(smollm2_dir), "--data_dir", str(data_dir)]
+    args = run_lozo.parse_args([*argv, "--train_set_seed", "0", "--output_dir", str(tmp_path)])
+    task = tasks.get_task(args.task_name, args.data_dir)
+    framework = run_lozo.Framework(args, task)
+    demos = task.sample_subset("train", seed=0, num=8)
+    samples = task.valid_samples[:6]
+    prompts = [
+        encode_prompt(task, framework.template, demos, s, framework.tokenizer, max_length=args.max_length)
+        for s in samples
+    ]
+    expected = [direct_mean_option_log_probs(framework.model, *prompt) for prompt in prompts]
+    forwarded = []  # ids each forward runs, per sample
+    framework.model.register_forward_pre_hook(
+        lambda module, args, kwargs: forwarded[-1].append(kwargs["input_ids"].numel()), with_kwargs=True
+    )
+    for (encodings, option_lens), scores in zip(prompts, expected, strict=True):
+        forwarded.append([])
+        batched = [lp.mean().item() for lp in framework.option_log_probs(encodings, option_lens)]
+        assert batched == pytest.approx(scores, abs=1e-4)
+    prompt_lengths = [len(encodings[0]) for encodings, _ in prompts]
+    assert sum(forwarded[0]) >= prompt_lengths[0]  # the first sample runs its whole prompt
+    for ids, length in zip(forwarded[1:], prompt_lengths[1:], strict=True):
+        assert sum(ids) < length / 2  # the others: only their own sentence and the candidates' words
+
+    gold = [run_lozo.correct_index(sample) for sample in samples]
+    accuracy = np.mean([np.argmax(s) == g for s, g in zip(expected, gold, strict=True)])
+    assert framework.evaluate(demos, samples)["accuracy"] == pytest.approx(accuracy)
+    assert framework.kept_prompt is None  # the next evaluation may see other weights
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 3. Bad input: exit 2, one `error:` line naming the problem, nothing loaded, nothing written
 
