@@ -274,20 +274,23 @@ def figure(path):
     if not tasks:
         return
     figure, axes = plt.subplots(2, len(tasks), figsize=(5 * len(tasks), 7), squeeze=False)
+    panels = [(0, "training loss, mean of 50 steps", 5), (1, "dev accuracy (100 samples)", 1)]
     for column, task in enumerate(tasks):
         for label, found in plotted(task):
-            for row, (index, title) in enumerate([(0, "training loss"), (1, "dev accuracy")]):
+            for row, (index, title, window) in enumerate(panels):
                 series = [np.array(c[index]) for c in found]
                 length = min(len(s) for s in series)
-                steps = series[0][:length, 0] * 2  # two forward passes a step
-                values = np.stack([s[:length, 1] for s in series])
+                # A batch of 8 makes each logged loss noisy: average over `window` logs, then over seeds.
+                kernel = np.ones(window) / window
+                steps = series[0][window - 1 : length, 0] * 2  # two forward passes a step
+                values = np.stack([np.convolve(s[:length, 1], kernel, mode="valid") for s in series])
                 mean, std = values.mean(0), values.std(0)
                 axis = axes[row][column]
                 axis.plot(steps, mean, label=label)
                 axis.fill_between(steps, mean - std, mean + std, alpha=0.2)
                 axis.set(title=f"{task}: {title}", xlabel="forward passes")
                 axis.grid(alpha=0.3)
-                axis.legend()
+                axis.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     print(path)
