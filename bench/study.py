@@ -199,11 +199,11 @@ def accuracies(row, task):
     return [100 * read_result(p)[0]["accuracy"] for p in found if p.exists()]
 
 
-def cell(values):
+def cell(values, seeded=True):
     if not values:
         return "—"
     if len(values) == 1:
-        return f"{values[0]:.1f}"
+        return f"{values[0]:.1f} (n=1)" if seeded else f"{values[0]:.1f}"
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f} (n={len(values)})"
 
 
@@ -211,7 +211,8 @@ def command_tables(opts):
     lines = ["| method | " + " | ".join(TASKS) + " |", "|---|" + "---|" * len(TASKS)]
     for row in ROWS:
         label = {"icl": "ICL (32 demonstrations)", "FT": "FT (AdamW, 5 epochs)"}.get(row, row)
-        lines.append(f"| {label} | " + " | ".join(cell(accuracies(row, task)) for task in TASKS) + " |")
+        cells = [cell(accuracies(row, task), seeded=row != "zero-shot") for task in TASKS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", *selection_table(), "", "Chosen learning rates (seed-0 dev accuracy):"]
     for task in TASKS:
         chosen = {m: chosen_lr(task, m) for m in [*ZO_METHODS, "FT"]}

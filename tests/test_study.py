@@ -81,7 +81,9 @@ def test_tables_rebuild_from_the_committed_files_alone(empty_study, capsys):
     write_result(empty_study, "zero-shot-SST2", dev=0.0, accuracy=0.517)
     for seed, accuracy in zip(study.SEEDS, (0.70, 0.72, 0.74), strict=True):
         write_result(empty_study, f"MeZO-SST2-seed{seed}", dev=0.7, accuracy=accuracy)
+    write_result(empty_study, "icl-SST2-seed0", dev=0.0, accuracy=0.69)
     study.command_tables(None)
     printed = capsys.readouterr().out
     assert "| zero-shot | 51.7 |" in printed
+    assert "| ICL (32 demonstrations) | 69.0 (n=1) |" in printed  # a partial row says so
     assert "| MeZO | 72.0 ± 2.0 (n=3) |" in printed
