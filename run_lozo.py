@@ -496,7 +496,7 @@ class Framework:
         return cache
 
     def as_batch(self, ids):
-        return torch.tensor([list(ids)], device=self.device)
+        return torch.tensor([ids], device=self.device)
 
     def forward_last_position(self, input_ids, **kwargs):
         """The model on `input_ids`, projecting onto the vocabulary at the last position only."""
@@ -507,7 +507,7 @@ class Framework:
     def generate(self, input_ids):
         args, tokenizer = self.args, self.tokenizer
         newline = tokenizer.encode(args.eos_token, add_special_tokens=False)[-1]
-        ids = torch.tensor([input_ids], device=self.device)
+        ids = self.as_batch(input_ids)
         output = self.model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
@@ -595,7 +595,7 @@ class Framework:
                     f"{self.args.task_name} gives {self.tokenizer.convert_ids_to_tokens(words)}"
                 )
             multi_token_options = multi_token_options or max(option_lens) > 1
-            prompt = torch.tensor([encodings[0][: -option_lens[0]]], device=self.device)
+            prompt = self.as_batch(encodings[0][: -option_lens[0]])
             with HeadInputs(self.model) as head_inputs:
                 self.forward_last_position(prompt)
             features.append(head_inputs.captured[0, -1].double().cpu())
