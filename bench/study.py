@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 from utils import read_result  # noqa: E402
 
 DOCS = REPO / "docs" / "study"
+RUNS = REPO / "result" / "study"  # run folders: checkpoints while a run is unfinished, and its log
 MODEL = REPO / "models" / "SmolLM2-135M"
 TASKS = ("SST2", "RTE", "WIC")
 SEEDS = (0, 1, 2)
@@ -145,14 +146,21 @@ def run_one(name, argv, opts):
             if (folder / f"{argv}.json").exists() and not (folder / f"{name}.json").exists():
                 (folder / f"{name}.json").write_text((folder / f"{argv}.json").read_text())
         return
-    out = REPO / "result" / "study" / name
+    out = RUNS / name
     command = [sys.executable, str(REPO / "run_lozo.py"), *argv, "--output_dir", str(out)]
     command += ["--result_file", str(results / f"{name}.json"), "--report_to", "none", "--tag", name]
     began = time.time()
     env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads)) if opts.threads else None
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    # A run takes up to an hour and a half: its output goes to a file you can follow (tail -f), appended
+    # across resumes, rather than being held until it ends.
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "run.log"
+    print(f"{name}: running, output in {log}", flush=True)
+    with open(log, "a") as sink:
+        done = subprocess.run(command, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
     if done.returncode != 0:
-        sys.exit(f"error: {name} failed:\n{done.stderr[-3000:]}")
+        tail = log.read_text()[-3000:]
+        sys.exit(f"error: {name} failed (exit {done.returncode}); the end of {log}:\n{tail}")
     state = out / "trainer_state.json"
     if state.exists():  # keep the curves (small), not the run folder
         history = json.loads(state.read_text())["log_history"]

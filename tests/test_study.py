@@ -2,6 +2,7 @@
 is chosen on seed 0's dev accuracy only once the whole grid has run, and seed 0's final run is that
 selection run (not rerun)."""
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -87,3 +88,15 @@ def test_tables_rebuild_from_the_committed_files_alone(empty_study, capsys):
     assert "| zero-shot | 51.7 |" in printed
     assert "| ICL (32 demonstrations) | 69.0 (n=1) |" in printed  # a partial row says so
     assert "| MeZO | 72.0 ± 2.0 (n=3) |" in printed
+
+
+def test_a_failed_run_keeps_its_output_in_a_log_and_stops_the_study(empty_study, tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "RUNS", tmp_path / "runs")
+    options = argparse.Namespace(threads=1)
+    with pytest.raises(SystemExit) as stopped:  # a task run_lozo does not know: it exits with one line
+        study.run_one("broken", ["--task_name", "NoSuchTask"], options)
+    log = tmp_path / "runs" / "broken" / "run.log"
+    assert "NoSuchTask" in log.read_text()
+    assert f"broken failed (exit 2); the end of {log}" in str(stopped.value)
+    assert "NoSuchTask" in str(stopped.value)
+    assert not (empty_study / "results" / "broken.json").exists()
