@@ -143,12 +143,26 @@ class DataCollatorWithPaddingAndNesting:
     """Flattens features that are lists of candidate sequences (classification) and right-pads a batch.
 
     Each feature holds `input_ids`, and optionally `labels` (gold index; the same for all candidates of a
-    sample), `option_len` and `num_options`."""
+    sample), `option_len` and `num_options`.
+
+    When every sample's candidates are one prompt followed by a one-token option (with SmolLM2's tokenizer:
+    SST-2, RTE, WiC, BoolQ, CB, MultiRC, WSC; not Copa, ReCoRD), a sample is one row: its first candidate,
+    plus `candidate_ids` (each candidate's option id; -1 pads samples with fewer). The logits that score
+    the first option score them all, so a training step runs each prompt once, not once per candidate."""
 
     def __init__(self, pad_token_id):
         self.pad_token_id = pad_token_id
 
     def __call__(self, features):
+        groups = [feature for feature in features if isinstance(feature, list)]
+        if groups and len(groups) == len(features) and all(map(one_token_options, groups)):
+            batch = self([group[0] for group in groups])
+            del batch["num_options"]
+            widest = max(map(len, groups))
+            batch["candidate_ids"] = torch.tensor(
+                [[c["input_ids"][-1] for c in group] + [-1] * (widest - len(group)) for group in groups]
+            )
+            return batch
         flat = [f for feature in features for f in (feature if isinstance(feature, list) else [feature])]
         longest = max(len(f["input_ids"]) for f in flat)
         input_ids = torch.full((len(flat), longest), self.pad_token_id, dtype=torch.long)
@@ -184,6 +198,12 @@ class NondiffCollator:
         }
 
 
+def one_token_options(candidates):
+    """Whether the candidates are one prompt, each followed by an option of one token."""
+    prompt = candidates[0]["input_ids"][:-1]
+    return all(c["option_len"] == 1 and c["input_ids"][:-1] == prompt for c in candidates)
+
+
 def target_mask(input_ids, attention_mask, option_len, pad_token_id):
     """Mask over next-token positions (length n-1) whose target is one of the last `option_len` real ids of
     each sequence; pad ids are never targets. Without option_len every real id after the first is one."""
@@ -216,9 +236,14 @@ def target_log_probs(logits, input_ids, mask):
     """(row of each target, its log-probability) for the next-token positions in `mask`; `logits` are the
     full (batch, length, vocab) ones or only those at the targets (`target_logits`)."""
     rows, positions = mask.nonzero(as_tuple=True)
+    log_probs = target_log_softmax(logits, rows, positions)
+    return rows, log_probs.gather(-1, input_ids[rows, positions + 1].unsqueeze(-1)).squeeze(-1)
+
+
+def target_log_softmax(logits, rows, positions):
+    """Next-token log-probabilities over the vocabulary at the targets, in float32 at least."""
     selected = logits[rows, positions] if logits.dim() == 3 else logits
-    selected = selected.to(torch.promote_types(selected.dtype, torch.float32)).log_softmax(-1)
-    return rows, selected.gather(-1, input_ids[rows, positions + 1].unsqueeze(-1)).squeeze(-1)
+    return selected.to(torch.promote_types(selected.dtype, torch.float32)).log_softmax(-1)
 
 
 def option_loss(logits, batch, pad_token_id, reduction="mean", mask=None):
@@ -229,6 +254,13 @@ def option_loss(logits, batch, pad_token_id, reduction="mean", mask=None):
     data-parallel ranks) can be combined into exactly the loss of the whole batch."""
     if mask is None:
         mask = target_mask(batch["input_ids"], batch["attention_mask"], batch.get("option_len"), pad_token_id)
+    if "candidate_ids" in batch:  # one row per sample, one target per row: its prompt's last position
+        rows, positions = mask.nonzero(as_tuple=True)
+        candidates = batch["candidate_ids"][rows]
+        scores = target_log_softmax(logits, rows, positions).gather(-1, candidates.clamp(min=0))
+        scores = scores.masked_fill(candidates < 0, float("-inf"))
+        total = F.cross_entropy(scores, batch["labels"][rows], reduction="sum")
+        return (total, len(rows)) if reduction == "sum" else total / len(rows)
     rows, token_log_probs = target_log_probs(logits, batch["input_ids"], mask)
     if "num_options" in batch:
         per_row = torch.zeros(len(mask), dtype=token_log_probs.dtype, device=mask.device)

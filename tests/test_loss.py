@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import DATA_DIR
 
 from utils import DataCollatorWithPaddingAndNesting, option_loss, target_mask
 
@@ -192,6 +193,22 @@ MIXED_TARGETS = [[3], [3, 4], [2], [2], [2, 3, 4, 5], [3, 4], [3]]
 MIXED_GROUPS = [(0, 2, 1), (2, 5, 2), (5, 7, 0)]  # (first row, end row, gold index)
 
 
+def test_collator_one_row_per_sample_when_every_option_is_one_token():
+    features = [
+        [candidate([2, 5, 6, 7], 1, 1, 2), candidate([2, 5, 6, 8], 1, 1, 2)],  # SST-2-like, gold 1
+        [candidate([2, 4, 10], 2, 1, 3), candidate([2, 4, 11], 2, 1, 3), candidate([2, 4, 12], 2, 1, 3)],
+    ]
+    batch = collate(features)
+    assert batch["input_ids"].tolist() == [[2, 5, 6, 7], [2, 4, 10, PAD]]  # each sample's first candidate
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert batch["candidate_ids"].tolist() == [[7, 8, -1], [10, 11, 12]]  # -1: no third candidate
+    assert batch["labels"].tolist() == [1, 2] and batch["option_len"].tolist() == [1, 1]
+    assert "num_options" not in batch
+    # One sample whose prompts differ (or whose option has two tokens) and the batch is flattened.
+    for odd in ([candidate([2, 9, 7], 0, 1, 2), candidate([2, 5, 8], 0, 1, 2)], MIXED[0]):
+        assert collate([features[0], odd])["input_ids"].shape[0] == 4
+
+
 def classification_loss_by_hand(logits, input_ids, targets, groups):
     scores = [
         sum(token_log_prob(logits, input_ids, row, p) for p in positions) / len(positions)
@@ -336,3 +353,41 @@ def test_option_loss_on_tiny_opt(tiny_opt_dir, opt_tokenizer):
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels
         ).loss
     assert float(option_loss(logits, plain, PAD)) == pytest.approx(float(reference), abs=1e-4)
+
+
+@pytest.mark.parametrize("task_name", ["RTE", "CB"])
+def test_one_row_per_sample_gives_the_flattened_loss_and_gradient(task_name, tiny_opt_dir, opt_tokenizer):
+    """Real RTE / CB samples (2 / 3 one-token candidates) through a tiny OPT in float64: the one-row batch
+    gives the loss and gradient of the batch with every candidate as a row, to rounding."""
+    from transformers import AutoModelForCausalLM
+
+    import tasks
+    from utils import encode_prompt, target_logits
+
+    task = tasks.get_task(task_name, DATA_DIR)
+    groups = []
+    for sample in task.samples["train"][:6]:
+        encodings, option_lens = encode_prompt(
+            task, task.get_template(), [], sample, opt_tokenizer, 2048, generation_with_gold=True
+        )
+        gold = sample.candidates.index(sample.correct_candidate)
+        pairs = zip(encodings, option_lens, strict=True)
+        groups.append([candidate(ids, gold, n, len(encodings)) for ids, n in pairs])
+    one_row = collate(groups)
+    flat = collate([c for group in groups for c in group])  # plain rows: the layout before
+    assert "candidate_ids" in one_row and one_row["input_ids"].shape[0] == len(groups)
+    assert flat["input_ids"].shape[0] == sum(map(len, groups))
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_opt_dir).double()
+    results = []
+    for batch in (one_row, flat):
+        model.zero_grad()
+        mask = target_mask(batch["input_ids"], batch["attention_mask"], batch["option_len"], PAD)
+        total, count = option_loss(target_logits(model, batch, mask), batch, PAD, reduction="sum", mask=mask)
+        total.backward()
+        results.append((float(total.detach()), count, model.model.decoder.layers[0].fc1.weight.grad.clone()))
+    (one_loss, one_count, one_grad), (flat_loss, flat_count, flat_grad) = results
+    assert one_count == flat_count == len(groups)
+    assert one_loss == pytest.approx(flat_loss, rel=1e-12)
+    assert flat_grad.abs().max() > 0
+    torch.testing.assert_close(one_grad, flat_grad, rtol=1e-9, atol=1e-12)
