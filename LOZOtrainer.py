@@ -48,7 +48,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from metrics import f1
-from utils import UsageError, option_loss, replace_folder, target_logits, target_mask
+from utils import UsageError, model_option_loss, replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -739,11 +739,7 @@ class LowRankTrainer(Trainer):
         """(summed loss, number of items) of a batch, so that batches can be combined exactly."""
         if "gold" in inputs:
             return self.negative_f1_sum(model, inputs)
-        mask = target_mask(
-            inputs["input_ids"], inputs["attention_mask"], inputs.get("option_len"), self.pad_token_id
-        )
-        logits = target_logits(model, inputs, mask)
-        return option_loss(logits, inputs, self.pad_token_id, reduction="sum", mask=mask)
+        return model_option_loss(model, inputs, self.pad_token_id, reduction="sum")
 
     @property
     def pad_token_id(self):

@@ -47,6 +47,7 @@ from utils import (
     Prediction,
     UsageError,
     accepts_logits_to_keep,
+    classification_features,
     cpu_lacks_fast_matmul,
     encode_prompt,
     target_log_probs,
@@ -636,12 +637,7 @@ class Framework:
             encodings, option_lens = self.encode([], sample, generation_with_gold=True)
             gold = correct_index(sample, first_only=True)
             if args.train_as_classification:
-                features.append(
-                    [
-                        {"input_ids": ids, "labels": gold, "option_len": n, "num_options": len(encodings)}
-                        for ids, n in zip(encodings, option_lens, strict=True)
-                    ]
-                )
+                features.append(classification_features(encodings, option_lens, gold))
             elif args.only_train_option:
                 features.append({"input_ids": encodings[gold], "option_len": option_lens[gold]})
             else:

@@ -198,6 +198,14 @@ class NondiffCollator:
         }
 
 
+def classification_features(encodings, option_lens, gold):
+    """One training sample for --train_as_classification: the list of its candidates' features."""
+    return [
+        {"input_ids": ids, "labels": gold, "option_len": n, "num_options": len(encodings)}
+        for ids, n in zip(encodings, option_lens, strict=True)
+    ]
+
+
 def one_token_options(candidates):
     """Whether the candidates are one prompt, each followed by an option of one token."""
     prompt = candidates[0]["input_ids"][:-1]
@@ -244,6 +252,12 @@ def target_log_softmax(logits, rows, positions):
     """Next-token log-probabilities over the vocabulary at the targets, in float32 at least."""
     selected = logits[rows, positions] if logits.dim() == 3 else logits
     return selected.to(torch.promote_types(selected.dtype, torch.float32)).log_softmax(-1)
+
+
+def model_option_loss(model, batch, pad_token_id, reduction="mean"):
+    """`option_loss` of the model on a collated batch, projecting onto the vocabulary only at the targets."""
+    mask = target_mask(batch["input_ids"], batch["attention_mask"], batch.get("option_len"), pad_token_id)
+    return option_loss(target_logits(model, batch, mask), batch, pad_token_id, reduction=reduction, mask=mask)
 
 
 def option_loss(logits, batch, pad_token_id, reduction="mean", mask=None):

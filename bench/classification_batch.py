@@ -23,7 +23,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import tasks  # noqa: E402
-from utils import DataCollatorWithPaddingAndNesting, encode_prompt, option_loss, target_logits, target_mask  # noqa: E402
+from run_lozo import correct_index, load_tokenizer  # noqa: E402
+from utils import (  # noqa: E402
+    DataCollatorWithPaddingAndNesting,
+    classification_features,
+    encode_prompt,
+    model_option_loss,
+)
 
 
 def training_groups(task_name, tokenizer, batch, data_dir):
@@ -34,20 +40,13 @@ def training_groups(task_name, tokenizer, batch, data_dir):
         encodings, option_lens = encode_prompt(
             task, task.get_template(), [], sample, tokenizer, 2048, generation_with_gold=True
         )
-        gold = sample.candidates.index(sample.correct_candidate)
-        groups.append(
-            [
-                {"input_ids": ids, "labels": gold, "option_len": n, "num_options": len(encodings)}
-                for ids, n in zip(encodings, option_lens, strict=True)
-            ]
-        )
+        groups.append(classification_features(encodings, option_lens, correct_index(sample, first_only=True)))
     return groups
 
 
 @torch.inference_mode()
 def loss(model, batch, pad_token_id):
-    mask = target_mask(batch["input_ids"], batch["attention_mask"], batch["option_len"], pad_token_id)
-    return float(option_loss(target_logits(model, batch, mask), batch, pad_token_id, mask=mask))
+    return float(model_option_loss(model, batch, pad_token_id))
 
 
 def measure(model, tokenizer, task_name, opts):
@@ -94,13 +93,9 @@ def main():
         torch.set_num_threads(opts.threads)
     from transformers import AutoModelForCausalLM
 
-    import run_lozo
-
     model = AutoModelForCausalLM.from_pretrained(opts.model, dtype=getattr(torch, opts.dtype)).eval()
     # run_lozo's tokenizer: its pad id (0 for Llama-family models) and, for OPT, MeZO's BOS.
-    tokenizer = run_lozo.load_tokenizer(
-        argparse.Namespace(model_path=None, model_name=opts.model), model.config
-    )
+    tokenizer = load_tokenizer(argparse.Namespace(model_path=None, model_name=opts.model), model.config)
     report = {
         "model": opts.model,
         "dtype": opts.dtype,

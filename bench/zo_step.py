@@ -189,7 +189,7 @@ class PeakMemory:
 
 
 def run_worker(opts):
-    from utils import option_loss, target_logits, target_mask
+    from utils import model_option_loss
 
     torch.set_num_threads(opts.threads or torch.get_num_threads())
     dtype = getattr(torch, opts.dtype)
@@ -199,8 +199,7 @@ def run_worker(opts):
     pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 1
 
     def loss():
-        mask = target_mask(batch["input_ids"], batch["attention_mask"], batch["option_len"], pad)
-        return option_loss(target_logits(model, batch, mask), batch, pad, mask=mask)
+        return model_option_loss(model, batch, pad)
 
     def reference_forward():  # the unit, measured beside each step: a busy shared machine slows both alike
         hooked = optimizer is not None and bool(optimizer.hooks)

@@ -362,7 +362,8 @@ def test_one_row_per_sample_gives_the_flattened_loss_and_gradient(task_name, tin
     from transformers import AutoModelForCausalLM
 
     import tasks
-    from utils import encode_prompt, target_logits
+    from run_lozo import correct_index
+    from utils import classification_features, encode_prompt, model_option_loss
 
     task = tasks.get_task(task_name, DATA_DIR)
     groups = []
@@ -370,9 +371,7 @@ def test_one_row_per_sample_gives_the_flattened_loss_and_gradient(task_name, tin
         encodings, option_lens = encode_prompt(
             task, task.get_template(), [], sample, opt_tokenizer, 2048, generation_with_gold=True
         )
-        gold = sample.candidates.index(sample.correct_candidate)
-        pairs = zip(encodings, option_lens, strict=True)
-        groups.append([candidate(ids, gold, n, len(encodings)) for ids, n in pairs])
+        groups.append(classification_features(encodings, option_lens, correct_index(sample, first_only=True)))
     one_row = collate(groups)
     flat = collate([c for group in groups for c in group])  # plain rows: the layout before
     assert "candidate_ids" in one_row and one_row["input_ids"].shape[0] == len(groups)
@@ -382,8 +381,7 @@ def test_one_row_per_sample_gives_the_flattened_loss_and_gradient(task_name, tin
     results = []
     for batch in (one_row, flat):
         model.zero_grad()
-        mask = target_mask(batch["input_ids"], batch["attention_mask"], batch["option_len"], PAD)
-        total, count = option_loss(target_logits(model, batch, mask), batch, PAD, reduction="sum", mask=mask)
+        total, count = model_option_loss(model, batch, PAD, reduction="sum")
         total.backward()
         results.append((float(total.detach()), count, model.model.decoder.layers[0].fc1.weight.grad.clone()))
     (one_loss, one_count, one_grad), (flat_loss, flat_count, flat_grad) = results

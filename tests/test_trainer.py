@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import run_lozo
 import tasks
 from LOZOtrainer import U_STREAM, V_STREAM, ZOOptimizer, stream_seed
-from utils import DataCollatorWithPaddingAndNesting, UsageError, option_loss, target_logits, target_mask
+from utils import DataCollatorWithPaddingAndNesting, UsageError, model_option_loss
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -292,8 +292,7 @@ def gradient_estimate(model, batch, params, low_rank, samples, eps=1e-4, rank=2)
 
 
 def zo_loss(model, batch):
-    mask = target_mask(batch["input_ids"], batch["attention_mask"], batch["option_len"], 1)
-    return option_loss(target_logits(model, batch, mask), batch, 1, mask=mask)
+    return model_option_loss(model, batch, 1)
 
 
 @pytest.mark.parametrize(("low_rank", "expected_scale"), [(False, 1.0), (True, 2.0)])
