@@ -739,7 +739,8 @@ class LowRankTrainer(Trainer):
         """(summed loss, number of items) of a batch, so that batches can be combined exactly."""
         if "gold" in inputs:
             return self.negative_f1_sum(model, inputs)
-        return model_option_loss(model, inputs, self.pad_token_id, reduction="sum")
+        pack = getattr(self.args, "padding_free", True)
+        return model_option_loss(model, inputs, self.pad_token_id, reduction="sum", pack=pack)
 
     @property
     def pad_token_id(self):

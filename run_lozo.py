@@ -106,6 +106,11 @@ class OurArguments(TrainingArguments):
     trainer: str = option("none", f"one of: {', '.join(TRAINERS)} (none: zero-shot / ICL; zo: MeZO)")
     only_train_option: bool = option(True, "loss on the option tokens only (False: the whole sequence)")
     train_as_classification: bool = option(False, "cross-entropy over the candidates' scores")
+    padding_free: bool = option(
+        True,
+        "run a training batch's sequences side by side in as few rows as fit its longest one, each seeing "
+        "only itself (sdpa attention), instead of padding every one to it: the same loss, less padding",
+    )
 
     # zeroth-order (MeZO / LOZO)
     zo_eps: float = option(1e-3, "perturbation scale ε")

@@ -1,13 +1,14 @@
-"""What one-row classification batches save: a training batch of real samples scored with every candidate
-as its own row (the layout before) against one row per sample (`DataCollatorWithPaddingAndNesting` when
-every option is one token), on the same model.
+"""What one-row classification batches and padding-free packing save: a training batch of real samples
+scored with every candidate as its own row (the layout before), with one row per sample
+(`DataCollatorWithPaddingAndNesting` when every option is one token), and with those rows packed side by
+side into fewer rows (`pack_batch`, run_lozo's default --padding_free), on the same model.
 
     python bench/classification_batch.py --model models/SmolLM2-135M --dtype bfloat16 --threads 1
 
 Per task: the training loss of one batch (the forward a ZO step runs twice, inference mode), timed in
-alternation between the two layouts (so a shared machine's load slows both alike), the median of --reps
-each; and how far the two layouts' losses are apart in this dtype (the same function: only the rounding
-of differently shaped products differs). Writes result/bench/classification_batch-<dtype>.json.
+alternation between the layouts (so a shared machine's load slows all alike), the median of --reps each;
+and how far the layouts' losses are apart in this dtype (the same function: only the rounding of
+differently shaped products differs). Writes result/bench/classification_batch-<dtype>.json.
 """
 
 import argparse
@@ -29,6 +30,8 @@ from utils import (  # noqa: E402
     classification_features,
     encode_prompt,
     model_option_loss,
+    pack_batch,
+    target_mask,
 )
 
 
@@ -45,34 +48,47 @@ def training_groups(task_name, tokenizer, batch, data_dir):
 
 
 @torch.inference_mode()
-def loss(model, batch, pad_token_id):
-    return float(model_option_loss(model, batch, pad_token_id))
+def loss(model, batch, pad_token_id, pack):
+    return float(model_option_loss(model, batch, pad_token_id, pack=pack))
+
+
+def packed_shape(batch, pad_token_id):
+    """(rows, row width) `pack_batch` makes of a batch (its own when nothing packs)."""
+    mask = target_mask(batch["input_ids"], batch["attention_mask"], batch.get("option_len"), pad_token_id)
+    packed = pack_batch(batch["input_ids"], batch["attention_mask"], torch.nn.functional.pad(mask, (0, 1)))
+    return (packed[0]["input_ids"] if packed else batch["input_ids"]).shape
 
 
 def measure(model, tokenizer, task_name, opts):
     collate = DataCollatorWithPaddingAndNesting(tokenizer.pad_token_id)
     groups = training_groups(task_name, tokenizer, opts.batch, opts.data_dir)
-    layouts = {
-        "one row per candidate": collate([c for g in groups for c in g]),
-        "one row per sample": collate(groups),
-    }
-    if "candidate_ids" not in layouts["one row per sample"]:
+    per_sample = collate(groups)
+    if "candidate_ids" not in per_sample:
         return {"task": task_name, "one_token_options": False}
+    layouts = {  # name: (batch, packed)
+        "one row per candidate": (collate([c for g in groups for c in g]), False),
+        "one row per sample": (per_sample, False),
+        "one row per sample, packed": (per_sample, True),
+    }
     times, losses = {name: [] for name in layouts}, {}
     for _ in range(opts.reps + 1):  # the first round warms up
-        for name, batch in layouts.items():
+        for name, (batch, pack) in layouts.items():
             began = time.perf_counter()
-            losses[name] = loss(model, batch, tokenizer.pad_token_id)
+            losses[name] = loss(model, batch, tokenizer.pad_token_id, pack)
             times[name].append(time.perf_counter() - began)
-    per_candidate, per_sample = (statistics.median(t[1:]) for t in times.values())
+    seconds = [statistics.median(t[1:]) for t in times.values()]
+    shapes = [tuple(batch["input_ids"].shape) for batch, _ in layouts.values()]
+    shapes[2] = tuple(packed_shape(per_sample, tokenizer.pad_token_id))
     return {
         "task": task_name,
         "one_token_options": True,
-        "rows": [layout["input_ids"].shape[0] for layout in layouts.values()],
-        "tokens": [int(layout["attention_mask"].sum()) for layout in layouts.values()],
-        "padded_length": [layout["input_ids"].shape[1] for layout in layouts.values()],
-        "forward_s": [per_candidate, per_sample],
-        "speedup": per_candidate / per_sample,
+        "layouts": list(layouts),
+        "rows": [rows for rows, _ in shapes],
+        "row_width": [width for _, width in shapes],
+        "tokens": int(per_sample["attention_mask"].sum()),
+        "forward_s": seconds,
+        "speedup_one_row": seconds[0] / seconds[1],
+        "speedup_packed": seconds[1] / seconds[2],
         "losses": list(losses.values()),
     }
 
@@ -106,20 +122,23 @@ def main():
     out = REPO / "result" / "bench" / f"classification_batch-{opts.dtype}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
-    print("| task | rows | tokens | padded length | loss forward (s) | speed-up | loss | loss apart by |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| task | rows (per candidate / per sample / packed) | row width | real tokens | loss forward (s) "
+        "| one row per sample | packed | loss | losses apart by |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in report["tasks"]:
         if not r["one_token_options"]:
-            print(f"| {r['task']} | options of several tokens: one row per candidate | | | | | | |")
+            print(f"| {r['task']} | options of several tokens: one row per candidate | | | | | | | |")
             continue
-        rows, tokens, length, seconds = (
+        rows, width, seconds = (
             "/".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r[k])
-            for k in ("rows", "tokens", "padded_length", "forward_s")
+            for k in ("rows", "row_width", "forward_s")
         )
-        apart = abs(r["losses"][0] - r["losses"][1])
+        apart = max(r["losses"]) - min(r["losses"])
         print(
-            f"| {r['task']} | {rows} | {tokens} | {length} | {seconds} | {r['speedup']:.2f}× | "
-            f"{r['losses'][1]:.4f} | {apart:.1e} |"
+            f"| {r['task']} | {rows} | {width} | {r['tokens']} | {seconds} | {r['speedup_one_row']:.2f}× | "
+            f"{r['speedup_packed']:.2f}× | {r['losses'][2]:.4f} | {apart:.1e} |"
         )
     print(out)
 

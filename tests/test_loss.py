@@ -389,3 +389,108 @@ def test_one_row_per_sample_gives_the_flattened_loss_and_gradient(task_name, tin
     assert one_loss == pytest.approx(flat_loss, rel=1e-12)
     assert flat_grad.abs().max() > 0
     torch.testing.assert_close(one_grad, flat_grad, rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Padding-free batches (pack_batch)
+
+
+def test_packed_rows_first_fit_decreasing_by_hand():
+    from utils import packed_rows
+
+    # 5 fills row 0; 4 opens row 1; 3 opens row 2; 2 fits beside 3; 1 fits beside 4.
+    assert packed_rows([5, 3, 2, 4, 1], 5) == [[0], [3, 4], [1, 2]]
+    assert packed_rows([3, 3, 3], 3) == [[0], [1], [2]]  # nothing shares a row
+
+
+def real_groups(task_name, tokenizer, count):
+    """The first `count` training samples of a task as run_lozo's classification features."""
+    import tasks
+    from run_lozo import correct_index
+    from utils import classification_features, encode_prompt
+
+    task = tasks.get_task(task_name, DATA_DIR)
+    groups = []
+    for sample in task.samples["train"][:count]:
+        encodings, option_lens = encode_prompt(
+            task, task.get_template(), [], sample, tokenizer, 2048, generation_with_gold=True
+        )
+        groups.append(classification_features(encodings, option_lens, correct_index(sample, first_only=True)))
+    return groups
+
+
+def test_packed_rows_on_real_rte_lengths(opt_tokenizer):
+    from utils import packed_rows
+
+    lengths = [len(group[0]["input_ids"]) for group in real_groups("RTE", opt_tokenizer, 16)]
+    rows = packed_rows(lengths, max(lengths))
+    assert sorted(i for row in rows for i in row) == list(range(16))
+    assert all(sum(lengths[i] for i in row) <= max(lengths) for row in rows)
+    assert len(rows) < 16
+
+
+def layouts(layout, tokenizer):
+    """Real RTE training batches: 8 samples one row each (candidate_ids), 4 samples one row per candidate
+    (num_options), and those candidates as plain language-model rows (no option_len)."""
+    if layout == "one row per sample":
+        return collate(real_groups("RTE", tokenizer, 8), pad=tokenizer.pad_token_id)
+    flat = [c for group in real_groups("RTE", tokenizer, 4) for c in group]
+    if layout == "one row per candidate":
+        return collate(flat, pad=tokenizer.pad_token_id)
+    return collate([{"input_ids": c["input_ids"]} for c in flat], pad=tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("layout", ["one row per sample", "one row per candidate", "plain LM"])
+@pytest.mark.parametrize("model_fixture", ["tiny_opt_dir", "tiny_llama_dir"])
+def test_packed_batch_gives_the_padded_loss_and_gradient(layout, model_fixture, request):
+    """The same real batch padded and packed (fewer rows, block-diagonal attention) through a tiny OPT and
+    a tiny Llama in float64: equal loss and gradient, to rounding."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from utils import model_option_loss, pack_batch, takes_boolean_attention_masks, target_mask
+
+    path = request.getfixturevalue(model_fixture)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    batch = layouts(layout, tokenizer)
+    pad = tokenizer.pad_token_id
+    mask = target_mask(batch["input_ids"], batch["attention_mask"], batch.get("option_len"), pad)
+    keep = torch.nn.functional.pad(mask, (0, 1))
+    packed_inputs, _ = pack_batch(batch["input_ids"], batch["attention_mask"], keep)
+    assert packed_inputs["input_ids"].shape[0] < batch["input_ids"].shape[0]
+
+    model = AutoModelForCausalLM.from_pretrained(path).double()
+    assert takes_boolean_attention_masks(model)
+    results = []
+    for pack in (False, True):
+        model.zero_grad()
+        total, count = model_option_loss(model, batch, pad, reduction="sum", pack=pack)
+        total.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((float(total.detach()), count, grads))
+    (padded_loss, padded_count, padded_grad), (packed_loss, packed_count, packed_grad) = results
+    assert packed_count == padded_count
+    assert packed_loss == pytest.approx(padded_loss, rel=1e-12)
+    assert padded_grad.abs().max() > 0
+    torch.testing.assert_close(packed_grad, padded_grad, rtol=1e-9, atol=1e-12)
+
+
+def test_packing_is_skipped_where_attention_adds_the_mask(tiny_opt_dir, opt_tokenizer):
+    """Eager attention adds its mask to the scores (a boolean one would be wrong): the padded batch runs."""
+    from transformers import AutoModelForCausalLM
+
+    from utils import model_option_loss, takes_boolean_attention_masks
+
+    batch = layouts("one row per sample", opt_tokenizer)
+    eager = AutoModelForCausalLM.from_pretrained(tiny_opt_dir, attn_implementation="eager").double()
+    assert not takes_boolean_attention_masks(eager)
+    rows = []
+
+    def record(_, args, kwargs):
+        rows.append(kwargs["input_ids"].shape[0])
+
+    eager.register_forward_pre_hook(record, with_kwargs=True)
+    with torch.no_grad():
+        packed = model_option_loss(eager, batch, PAD, pack=True)
+        padded = model_option_loss(eager, batch, PAD, pack=False)
+    assert rows == [8, 8]
+    assert float(packed) == float(padded)

@@ -466,3 +466,43 @@ def test_resuming_with_other_settings_is_a_usage_error():
     resumed = ZOOptimizer([weight], lr=0.1, seed=3, low_rank=True, rank=2)
     resumed.load_state_dict(saved.state_dict())
     assert resumed.zo_step == 1 and torch.equal(resumed.matrices[0].V, saved.matrices[0].V)
+
+
+def test_padding_free_training_packs_rows_and_moves_the_weights_alike(tiny_opt_dir, sst2, tmp_path):
+    """--padding_free (the default) runs the training forwards on fewer rows than the batch and trains the
+    weights as the padded batch does (float32: to rounding); --padding_free False pads every row."""
+    results = {}
+    in_loss = {"now": False}
+    original = run_lozo.LowRankTrainer.loss_sum
+
+    def loss_sum(self, model, inputs):  # marks the training forwards (evaluation runs others)
+        in_loss["now"] = True
+        try:
+            return original(self, model, inputs)
+        finally:
+            in_loss["now"] = False
+
+    for padding_free in ("True", "False"):
+        extra = ["--trainer", "LOZO", "--max_steps", "2", "--learning_rate", "0.05"]
+        args = parse(tiny_opt_dir, tmp_path / padding_free, *extra, "--padding_free", padding_free)
+        framework = run_lozo.Framework(args, sst2)
+        before = snapshot(framework.model)
+        rows = []
+
+        def record(_, args, kwargs, rows=rows):
+            if in_loss["now"]:
+                rows.append(kwargs["input_ids"].shape[0])
+
+        framework.model.register_forward_pre_hook(record, with_kwargs=True)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(run_lozo.LowRankTrainer, "loss_sum", loss_sum)
+            trainer = train(framework, sst2)
+        change = {n: p.detach() - before[n] for n, p in trainer.model.named_parameters()}
+        results[padding_free] = (rows, change)
+    (packed_rows, packed), (padded_rows, padded) = results["True"], results["False"]
+    assert padded_rows == [8] * 4  # two steps, two forwards each
+    assert len(packed_rows) == 4 and max(packed_rows) < 8
+    for name, change in padded.items():
+        scale = change.abs().max().item()
+        assert scale > 0
+        torch.testing.assert_close(packed[name], change, atol=1e-4 * scale, rtol=0, msg=name)
