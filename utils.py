@@ -232,7 +232,7 @@ def target_logits(model, batch, mask, pack=False, **model_kwargs):
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]} | model_kwargs
     if not accepts_logits_to_keep(model):
         return model(**inputs).logits[keep]  # project every position, then select
-    can_pack = pack and not model_kwargs and takes_boolean_attention_masks(model)
+    can_pack = pack and not model_kwargs and takes_packed_batches(model)
     packed = pack_batch(batch["input_ids"], batch["attention_mask"], keep) if can_pack else None
     if packed is not None:
         packed_inputs, order = packed
@@ -248,9 +248,12 @@ def accepts_logits_to_keep(model):
     return "logits_to_keep" in inspect.signature(base_model(model).forward).parameters
 
 
-def takes_boolean_attention_masks(model):
-    """Whether the model's attention takes a 4-D boolean mask as it is (sdpa does; eager adds the mask to
-    its scores, flash attention takes none)."""
+def takes_packed_batches(model):
+    """Whether the model can run `pack_batch` rows: its attention takes a 4-D boolean mask as it is (sdpa
+    does; eager adds the mask to its scores, flash attention takes none) and no peft prompt (prefix or
+    prompt tuning) extends the 2-D mask."""
+    if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        return False
     config = getattr(base_model(model), "config", None)
     return getattr(config, "_attn_implementation", None) == "sdpa"
 

@@ -447,7 +447,7 @@ def test_packed_batch_gives_the_padded_loss_and_gradient(layout, model_fixture, 
     a tiny Llama in float64: equal loss and gradient, to rounding."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from utils import model_option_loss, pack_batch, takes_boolean_attention_masks, target_mask
+    from utils import model_option_loss, pack_batch, takes_packed_batches, target_mask
 
     path = request.getfixturevalue(model_fixture)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -459,7 +459,7 @@ def test_packed_batch_gives_the_padded_loss_and_gradient(layout, model_fixture, 
     assert packed_inputs["input_ids"].shape[0] < batch["input_ids"].shape[0]
 
     model = AutoModelForCausalLM.from_pretrained(path).double()
-    assert takes_boolean_attention_masks(model)
+    assert takes_packed_batches(model)
     results = []
     for pack in (False, True):
         model.zero_grad()
@@ -478,11 +478,11 @@ def test_packing_is_skipped_where_attention_adds_the_mask(tiny_opt_dir, opt_toke
     """Eager attention adds its mask to the scores (a boolean one would be wrong): the padded batch runs."""
     from transformers import AutoModelForCausalLM
 
-    from utils import model_option_loss, takes_boolean_attention_masks
+    from utils import model_option_loss, takes_packed_batches
 
     batch = layouts("one row per sample", opt_tokenizer)
     eager = AutoModelForCausalLM.from_pretrained(tiny_opt_dir, attn_implementation="eager").double()
-    assert not takes_boolean_attention_masks(eager)
+    assert not takes_packed_batches(eager)
     rows = []
 
     def record(_, args, kwargs):

@@ -256,3 +256,31 @@ def test_linear_probing_end_to_end_writes_the_result(tiny_opt_dir, data_dir, tmp
     assert changed == 2  # RTE's two label words
     for name, param in original.model.named_parameters():
         assert torch.equal(param, saved.model.get_parameter(name)), name
+
+
+@pytest.mark.parametrize(("mode", "packs"), [("lora", True), ("prefix", False), ("head", True)])
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_padding_free_batches_through_each_mode(mode, packs, family, models, sst2, tmp_path):
+    """LoRA and head tuning run packed rows (peft passes the mask and positions through); prefix tuning's
+    prompts extend the 2-D mask, so it runs padded. Either way the loss is the padded batch's."""
+    from utils import DataCollatorWithPaddingAndNesting, model_option_loss, takes_packed_batches
+
+    framework = make_framework(models[family], sst2, tmp_path, *MODES[mode][0], "--trainer", "zo")
+    model = framework.model
+    assert takes_packed_batches(model) == packs
+    features = framework.training_features(sst2.sample_train_sets(num_train=8, seed=0)[0])
+    batch = DataCollatorWithPaddingAndNesting(framework.tokenizer.pad_token_id)(features)
+    rows = []
+
+    def record(_, args, kwargs):
+        rows.append((kwargs.get("input_ids") if "input_ids" in kwargs else args[0]).shape[0])
+
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    inner.register_forward_pre_hook(record, with_kwargs=True)
+    with torch.no_grad():
+        padded, packed = (
+            float(model_option_loss(model, batch, framework.tokenizer.pad_token_id, pack=pack))
+            for pack in (False, True)
+        )
+    assert packed == pytest.approx(padded, rel=1e-5)
+    assert rows[0] == 8 and (rows[1] < 8) == packs
