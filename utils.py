@@ -282,34 +282,30 @@ def pack_batch(input_ids, attention_mask, keep):
     rows = packed_rows(lengths, width)
     if len(rows) == len(lengths):
         return None
-    device, shape = input_ids.device, (len(rows), width)
-    ids = torch.zeros(shape, dtype=input_ids.dtype, device=device)
-    positions = torch.zeros(shape, dtype=torch.long, device=device)
-    sequence = torch.full(shape, -1, dtype=torch.long, device=device)  # -1: padding
-    kept = torch.zeros(shape, dtype=torch.bool, device=device)
-    target_index = torch.full(keep.shape, -1, dtype=torch.long, device=device)
-    target_index[keep] = torch.arange(int(keep.sum()), device=device)  # a target's place in row-major order
-    packed_index = torch.zeros(shape, dtype=torch.long, device=device)
+    device = input_ids.device
+    # Each packed slot's source: sequence (-1: padding) and position in it.
+    sequence = torch.full((len(rows), width), -1, dtype=torch.long, device=device)
+    position = torch.zeros((len(rows), width), dtype=torch.long, device=device)
     for row, members in enumerate(rows):
         start = 0
         for index in members:
-            span, length = slice(start, start + lengths[index]), lengths[index]
-            ids[row, span] = input_ids[index, :length]
-            positions[row, span] = torch.arange(length, device=device)
-            sequence[row, span] = index
-            kept[row, span] = keep[index, :length]
-            packed_index[row, span] = target_index[index, :length]
-            start += length
+            sequence[row, start : start + lengths[index]] = index
+            position[row, start : start + lengths[index]] = torch.arange(lengths[index], device=device)
+            start += lengths[index]
+    source = (sequence.clamp(min=0), position)
+    kept = keep[source] & (sequence >= 0)
+    target_index = torch.full(keep.shape, -1, dtype=torch.long, device=device)
+    target_index[keep] = torch.arange(int(keep.sum()), device=device)  # a target's place in row-major order
     causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
     # Padding attends to earlier padding (and itself), never to a sequence: no row of the mask is empty.
     attend = (sequence.unsqueeze(-1) == sequence.unsqueeze(-2)) & causal
     inputs = {
-        "input_ids": ids,
+        "input_ids": input_ids[source].masked_fill(sequence < 0, 0),
         "attention_mask": attend.unsqueeze(1),
-        "position_ids": positions,
+        "position_ids": position,
         "logits_to_keep": kept,
     }
-    return inputs, packed_index[kept].argsort()
+    return inputs, target_index[source][kept].argsort()
 
 
 def target_log_probs(logits, input_ids, mask):
