@@ -781,6 +781,7 @@ def format_arguments(args):
 
 def run(args):
     started = time.time()
+    provenance()  # the commit now, before hours of training in a work tree that may change meanwhile
     logger.info(
         "arguments%s:\n%s",
         "" if args.verbose else " (those not at their defaults; --verbose: all)",

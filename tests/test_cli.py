@@ -619,6 +619,25 @@ def test_results_carry_their_run(cli, tmp_path, tiny_opt_dir):
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~utils.current_umask()  # not mkstemp's 0600
 
 
+def test_the_commit_is_read_before_the_run_trains(tiny_opt_dir, data_dir, monkeypatch):
+    """A long run records the commit of the code it started with, not of the tree it ends in."""
+    read_at_start = []
+
+    class Stop(Exception):
+        pass
+
+    def framework(*_):
+        read_at_start.append(run_lozo.provenance.cache_info().currsize)
+        raise Stop
+
+    run_lozo.provenance.cache_clear()
+    monkeypatch.setattr(run_lozo, "Framework", framework)
+    with pytest.raises(Stop):
+        argv = ["--task_name", "SST2", "--model_name", str(tiny_opt_dir), "--data_dir", str(data_dir)]
+        run_lozo.run(run_lozo.parse_args(argv))
+    assert read_at_start == [1]
+
+
 def test_result_files_written_before_runs_were_recorded_still_load(tmp_path):
     (tmp_path / "old.json").write_text('{"accuracy": 0.688, "dev_accuracy": 0.71}')
     assert utils.read_result(tmp_path / "old.json") == ({"accuracy": 0.688, "dev_accuracy": 0.71}, {})
