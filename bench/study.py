@@ -155,9 +155,12 @@ def run_one(name, argv, opts):
     # across resumes, rather than being held until it ends.
     out.mkdir(parents=True, exist_ok=True)
     log = out / "run.log"
+    attempts = begin_attempt(out, log, began)
     print(f"{name}: running, output in {log}", flush=True)
     with open(log, "a") as sink:
         done = subprocess.run(command, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    if done.returncode == 0:
+        record_wall_time(name, attempts, time.time())
     if done.returncode != 0:
         tail = log.read_text()[-3000:]
         sys.exit(f"error: {name} failed (exit {done.returncode}); the end of {log}:\n{tail}")
@@ -169,6 +172,40 @@ def run_one(name, argv, opts):
     for checkpoint in out.glob("checkpoint-*"):  # finished: the resume points are not needed any more
         shutil.rmtree(checkpoint)
     print(f"{name}: {read_result(results / f'{name}.json')[0]} ({time.time() - began:.0f} s)", flush=True)
+
+
+def begin_attempt(out, log, now):
+    """Start a new attempt in <run>/attempts.json ([[start, end], ...]). An attempt that was killed (the
+    machine went away) never wrote its end: it ended when its log was last written."""
+    path = out / "attempts.json"
+    attempts = json.loads(path.read_text()) if path.exists() else []
+    if attempts and attempts[-1][1] is None:
+        attempts[-1][1] = log.stat().st_mtime if log.exists() else attempts[-1][0]
+    attempts.append([now, None])
+    path.write_text(json.dumps(attempts) + "\n")
+    return attempts
+
+
+def record_wall_time(name, attempts, now):
+    """A finished run's wall time summed over its attempts (steps redone after a resume count too), in
+    docs/study/wall_times.json: a resumed run's result only knows its last attempt's."""
+    attempts[-1][1] = now
+    path = DOCS / "wall_times.json"
+    times = json.loads(path.read_text()) if path.exists() else {}
+    times[name] = {
+        "seconds": round(sum(end - start for start, end in attempts), 1),
+        "attempts": len(attempts),
+    }
+    path.write_text(json.dumps(times, indent=1, sort_keys=True) + "\n")
+
+
+def wall_time(name, run):
+    """(minutes, attempts) of a finished run: summed over attempts where recorded, else its result's."""
+    path = DOCS / "wall_times.json"
+    recorded = json.loads(path.read_text()).get(name) if path.exists() else None
+    if recorded:
+        return recorded["seconds"] / 60, recorded["attempts"]
+    return run.get("wall_time_s", 0) / 60, 1
 
 
 def command_run(opts):
@@ -241,10 +278,12 @@ def selection_table():
                 if not path.exists():
                     continue
                 metrics, run = read_result(path)
-                loss, minutes = run.get("train_loss_last_logged"), run.get("wall_time_s", 0) / 60
+                minutes, attempts = wall_time(selection(task, method, lr), run)
+                resumed = f" ({attempts} attempts)" if attempts > 1 else ""
                 lines.append(
                     f"| {task} | {method} | {lr:g} | {100 * metrics['dev_accuracy']:.0f} | "
-                    f"{100 * metrics['accuracy']:.1f} | {loss:.3f} | {minutes:.0f} min |"
+                    f"{100 * metrics['accuracy']:.1f} | {run.get('train_loss_last_logged'):.3f} | "
+                    f"{minutes:.0f} min{resumed} |"
                 )
     return lines
 

@@ -100,3 +100,27 @@ def test_a_failed_run_keeps_its_output_in_a_log_and_stops_the_study(empty_study,
     assert f"broken failed (exit 2); the end of {log}" in str(stopped.value)
     assert "NoSuchTask" in str(stopped.value)
     assert not (empty_study / "results" / "broken.json").exists()
+
+
+def test_wall_time_sums_the_attempts_of_a_resumed_run(empty_study, tmp_path, capsys):
+    """A run killed after its log was last written at t=130 and resumed at t=500 that finishes at t=560
+    took 30 + 60 s: the time between attempts is not counted, the killed attempt's is."""
+    import os
+
+    out, log = tmp_path / "runs" / "select-SST2-MeZO-lr1e-05", tmp_path / "runs" / "run.log"
+    out.mkdir(parents=True)
+    study.begin_attempt(out, log, 100.0)
+    log.write_text("step 1\n")
+    os.utime(log, (130.0, 130.0))
+    attempts = study.begin_attempt(out, log, 500.0)
+    assert attempts == [[100.0, 130.0], [500.0, None]]
+    study.record_wall_time("select-SST2-MeZO-lr1e-05", attempts, 560.0)
+    result = {
+        "accuracy": 0.5,
+        "dev_accuracy": 0.7,
+        "run": {"wall_time_s": 60.0, "train_loss_last_logged": 0.6},
+    }
+    (empty_study / "results" / "select-SST2-MeZO-lr1e-05.json").write_text(json.dumps(result))
+    study.command_tables(None)
+    assert "| SST2 | MeZO | 1e-05 | 70 | 50.0 | " in (printed := capsys.readouterr().out)
+    assert "| 2 min (2 attempts) |" in printed  # 90 s, rounded
