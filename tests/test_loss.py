@@ -2,10 +2,14 @@
 and `option_loss` against log-probabilities computed here by hand from the logits."""
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import DATA_DIR
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from utils import DataCollatorWithPaddingAndNesting, option_loss, target_mask
 
@@ -405,18 +409,9 @@ def test_packed_rows_first_fit_decreasing_by_hand():
 
 def real_groups(task_name, tokenizer, count):
     """The first `count` training samples of a task as run_lozo's classification features."""
-    import tasks
-    from run_lozo import correct_index
-    from utils import classification_features, encode_prompt
+    from classification_batch import training_groups
 
-    task = tasks.get_task(task_name, DATA_DIR)
-    groups = []
-    for sample in task.samples["train"][:count]:
-        encodings, option_lens = encode_prompt(
-            task, task.get_template(), [], sample, tokenizer, 2048, generation_with_gold=True
-        )
-        groups.append(classification_features(encodings, option_lens, correct_index(sample, first_only=True)))
-    return groups
+    return training_groups(task_name, tokenizer, count, DATA_DIR)
 
 
 def test_packed_rows_on_real_rte_lengths(opt_tokenizer):
