@@ -365,17 +365,9 @@ def test_one_row_per_sample_gives_the_flattened_loss_and_gradient(task_name, tin
     gives the loss and gradient of the batch with every candidate as a row, to rounding."""
     from transformers import AutoModelForCausalLM
 
-    import tasks
-    from run_lozo import correct_index
-    from utils import classification_features, encode_prompt, model_option_loss
+    from utils import model_option_loss
 
-    task = tasks.get_task(task_name, DATA_DIR)
-    groups = []
-    for sample in task.samples["train"][:6]:
-        encodings, option_lens = encode_prompt(
-            task, task.get_template(), [], sample, opt_tokenizer, 2048, generation_with_gold=True
-        )
-        groups.append(classification_features(encodings, option_lens, correct_index(sample, first_only=True)))
+    groups = real_groups(task_name, opt_tokenizer, 6)
     one_row = collate(groups)
     flat = collate([c for group in groups for c in group])  # plain rows: the layout before
     assert "candidate_ids" in one_row and one_row["input_ids"].shape[0] == len(groups)
