@@ -28,6 +28,7 @@ ever perturbed in place:
 """
 
 import functools
+import hashlib
 import itertools
 import json
 import logging
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch.overrides import TorchFunctionMode
 from transformers import Trainer, TrainerCallback
-from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer import SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from metrics import f1
@@ -314,11 +315,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         in_place=False,
         merge_periods=8,
         names=None,
+        replayable=False,
     ):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         self.eps, self.seed, self.low_rank, self.in_place = eps, seed, low_rank, in_place
         self.rank, self.step_interval, self.beta = rank, step_interval, momentum
         self.merge_periods = merge_periods
+        self.replayable = replayable  # hash the starting weights (a full pass over them), so `record` works
         self.tensors = [(i, p) for i, p in enumerate(p for g in self.param_groups for p in g["params"])]
         self.index = {id(p): i for i, p in self.tensors}
         self.names = names or {}
@@ -333,6 +336,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             if low_rank and p.dim() == 2
         }
         self.masters = {}  # tensor index -> float32 master copy: all but the matrices, unless in_place
+        # Everything that retakes this run from its starting weights without a forward pass (`replay`): a
+        # hash of those weights, every step's g and learning rates, and the steps at which settle() rounded.
+        self.trajectory = {"start": None, "steps": [], "settled_at": []}
         self.model, self.hooks = None, []
         self._acquire()
 
@@ -386,6 +392,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         """This step's directions: U of every matrix, and at steps 0, ν, 2ν, … a new V."""
         if self.released:
             self._acquire()
+        if self.replayable and self.zo_step == 0 and self.trajectory["start"] is None:
+            self.trajectory["start"] = self.fingerprint()
         if self.zo_step % self.step_interval == 0:
             period = self.zo_step // self.step_interval
             for i, matrix in self.matrices.items():
@@ -438,6 +446,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         g = self.projected_grad
         if g is None:
             raise RuntimeError("ZOOptimizer.step() needs set_projected_grad() first")
+        self.trajectory["steps"].append([g, [group["lr"] for group in self.param_groups]])
         finite = math.isfinite(g)
         if not finite:
             self.skipped += 1
@@ -500,6 +509,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self.released:
             return
         self.move_to(0)
+        settled = self.trajectory["settled_at"]
+        if self.matrices and (not settled or settled[-1] != self.zo_step):  # a merge rounds: replay it too
+            settled.append(self.zo_step)
         for i, matrix in self.matrices.items():
             matrix.merge(self._rounding(i), current=True)
 
@@ -536,6 +548,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 i: m.cpu() for i, m in self.masters.items() if self.tensors[i][1].dtype != torch.float32
             },
             "position": self.position,
+            "trajectory": self.trajectory,
         }
         return state
 
@@ -553,6 +566,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         device = {i: p.device for i, p in self.tensors}
         self.zo_step, self.skipped = zo["step"], zo["skipped"]
+        # Checkpoints from before the step record have none: a trajectory checkpoint then refuses to save.
+        self.trajectory = zo.get("trajectory", {"start": None, "steps": None, "settled_at": []})
         self.momentum = {int(i): m.to(device[int(i)]) for i, m in zo["momentum"].items()}
         for i, master in zo.get("masters", {}).items():
             self.masters[int(i)].copy_(master)
@@ -564,6 +579,64 @@ class ZOOptimizer(torch.optim.Optimizer):
             for i, V in zo["V"].items():
                 self.matrices[int(i)].right[: self.rank] = zo.get("V_previous", {}).get(i, V).T
         self.move_to(zo.get("position", 0))
+
+    # ---- the run as a record of its steps (--zo_trajectory_checkpoints) ----
+
+    def fingerprint(self):
+        """SHA-256 of the weights (every parameter of the attached model, else the optimised tensors), read
+        chunk by chunk: a replay must begin from the weights the run began from."""
+        hasher = hashlib.sha256()
+        params = self.model.parameters() if self.model is not None else (p for _, p in self.tensors)
+        for p in params:
+            flat = p.detach().reshape(-1)
+            for start in range(0, flat.numel(), CHUNK):
+                hasher.update(flat[start : start + CHUNK].cpu().view(torch.uint8).numpy())
+        return hasher.hexdigest()
+
+    def record(self):
+        """This run so far as JSON-ready steps: what `replay` needs, a few bytes a step."""
+        steps = self.trajectory["steps"]
+        if steps is None or len(steps) != self.zo_step or self.trajectory["start"] is None:
+            raise UsageError(
+                "this run's steps since its start are not all recorded (it began without "
+                "--zo_trajectory_checkpoints); continue it with full checkpoints"
+            )
+        weight_decay = [group["weight_decay"] for group in self.param_groups]
+        return {"settings": self.settings(), "weight_decay": weight_decay, **self.trajectory}
+
+    @torch.no_grad()
+    def replay(self, record, log_every=100):
+        """Retake the recorded steps from the starting weights: the same seeds, g and learning rates make the
+        same updates and roundings, so the weights come out bit for bit as the run left them (on the same
+        kind of machine), at the cost of the updates alone: no forward pass."""
+        now = self.settings()
+        changed = {k: (v, now[k]) for k, v in record["settings"].items() if now[k] != v}
+        if record["weight_decay"] != [group["weight_decay"] for group in self.param_groups]:
+            changed["weight_decay"] = (record["weight_decay"], [g["weight_decay"] for g in self.param_groups])
+        if changed:
+            raise UsageError(f"the checkpoint was trained with other settings (checkpoint, now): {changed}")
+        if self.zo_step != 0 or self.fingerprint() != record["start"]:
+            raise UsageError(
+                "the checkpoint's steps start from other weights than this model's; resume with the model "
+                "(and --load_bfloat16 / --load_float16) the run started from"
+            )
+        self.trajectory["start"] = record["start"]
+        settled = set(record["settled_at"])
+        for g, lrs in record["steps"]:
+            if self.zo_step in settled:
+                self.settle()
+            self.begin_step()
+            if self.in_place:  # MeZO's in-place arithmetic rounds at every move: make the moves again
+                self.move_to(+1)
+                self.move_to(-1)
+            for group, lr in zip(self.param_groups, lrs, strict=True):
+                group["lr"] = lr
+            self.set_projected_grad(g)
+            self.step()
+            if self.zo_step % log_every == 0:
+                logger.info("replayed %d of %d steps", self.zo_step, len(record["steps"]))
+        if self.zo_step in settled:
+            self.settle()
 
 
 class SaveOnInterruptCallback(TrainerCallback):
@@ -609,6 +682,7 @@ class SaveOnInterruptCallback(TrainerCallback):
 # ---- checkpoints that are complete or absent ----
 
 STAGING_DIR = ".incomplete"  # <output_dir>/.incomplete/checkpoint-N: a checkpoint being written
+TRAJECTORY_NAME = "zo_trajectory.json"  # a zeroth-order run's steps, in place of weights and optimizer
 MODEL_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -623,11 +697,18 @@ def checkpoint_problem(folder, with_optimizer=True):
     if not os.path.isdir(folder):
         return "no such folder"
     present = set(os.listdir(folder))
-    model_file = next((name for name in MODEL_FILES if name in present), None)
-    if model_file is None and not any(name.startswith("pytorch_model_fsdp") for name in present):
-        return f"no model weights ({MODEL_FILES[0]})"
     rng = sorted(name for name in present if name.startswith("rng_state"))
-    required = ["trainer_state.json", *(["optimizer.pt", "scheduler.pt"] if with_optimizer else []), *rng[:1]]
+    model_file = next((name for name in MODEL_FILES if name in present), None)
+    if TRAJECTORY_NAME in present:  # no weights: they are rebuilt from the steps
+        required = [TRAJECTORY_NAME, "trainer_state.json", SCHEDULER_NAME, *rng[:1]]
+    elif model_file is None and not any(name.startswith("pytorch_model_fsdp") for name in present):
+        return f"no model weights ({MODEL_FILES[0]})"
+    else:
+        required = [
+            "trainer_state.json",
+            *(["optimizer.pt", SCHEDULER_NAME] if with_optimizer else []),
+            *rng[:1],
+        ]
     for name in [*required, *([model_file] if model_file else [])]:
         path = os.path.join(folder, name)
         if name not in present or os.path.getsize(path) == 0:
@@ -697,6 +778,11 @@ class LowRankTrainer(Trainer):
     def is_zo(self):
         return self.args.trainer in ("zo", "LOZO")
 
+    @property
+    def saves_trajectories(self):
+        """--zo_trajectory_checkpoints: a checkpoint holds the steps taken, not the weights they made."""
+        return self.is_zo and getattr(self.args, "zo_trajectory_checkpoints", False)
+
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
         if self.is_zo:
@@ -725,6 +811,7 @@ class LowRankTrainer(Trainer):
                     in_place=args.zo_in_place,
                     merge_periods=args.merge_periods,
                     names={id(p): n for n, p in (model or self.model).named_parameters()},
+                    replayable=self.saves_trajectories,
                 ),
             )
         optimizer = super().create_optimizer(model)
@@ -832,7 +919,7 @@ class LowRankTrainer(Trainer):
         into <output_dir>/.incomplete/checkpoint-N and renamed to <output_dir>/checkpoint-N once complete: a
         kill at any moment leaves the whole checkpoint or none of it. Rank 0 renames, after every rank has
         written its RNG state; HF's rotation (--save_total_limit) then sees complete checkpoints only."""
-        if self.zo_optimizer is not None:
+        if self.zo_optimizer is not None and not self.saves_trajectories:
             self.zo_optimizer.settle()
         run_dir = self._get_output_dir(trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
@@ -855,6 +942,43 @@ class LowRankTrainer(Trainer):
                 run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True
             )
         self.accelerator.wait_for_everyone()
+
+    # A trajectory checkpoint (--zo_trajectory_checkpoints) writes no weights and never settles, so saving one
+    # leaves the run's arithmetic untouched; resuming replays its steps onto the starting weights.
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        if self._staging and self.saves_trajectories:
+            return  # a checkpoint being written: the steps stand in for the weights
+        super().save_model(output_dir, _internal_call)
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        if not self.saves_trajectories:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            with open(os.path.join(output_dir, TRAJECTORY_NAME), "w") as f:
+                json.dump(self.zo_optimizer.record(), f)
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if not os.path.isfile(os.path.join(resume_from_checkpoint, TRAJECTORY_NAME)):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if not self.is_zo:
+            raise UsageError(
+                f"{resume_from_checkpoint} records zeroth-order steps, not weights; resume it with the "
+                "trainer that wrote it (--trainer zo or LOZO)"
+            )
+        # The model keeps its starting weights: _load_optimizer_and_scheduler replays the steps onto them.
+
+    def _replay_checkpoint(self, checkpoint):
+        with open(os.path.join(checkpoint, TRAJECTORY_NAME)) as f:
+            record = json.load(f)
+        logger.info("replaying %d zeroth-order steps from %s", len(record["steps"]), checkpoint)
+        self.zo_optimizer.replay(record)
+        scheduler = torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True)
+        self.lr_scheduler.load_state_dict(scheduler)
+        for group, lr in zip(self.zo_optimizer.param_groups, self.lr_scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr  # the rate of the next step, as a loaded optimizer state would hold it
 
     def _finalize_training(self, *args, **kwargs):
         if self.zo_optimizer is not None:
@@ -881,7 +1005,10 @@ class LowRankTrainer(Trainer):
         super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, TRAJECTORY_NAME)):
+            self._replay_checkpoint(checkpoint)
+        else:
+            super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None and self.is_zo and self.zo_optimizer.zo_step != self.state.global_step:
             raise UsageError(
                 f"checkpoint {checkpoint} has no optimizer state for step {self.state.global_step} "

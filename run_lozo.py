@@ -149,6 +149,11 @@ class OurArguments(TrainingArguments):
     save_on_interrupt: bool = option(
         False, "on SIGTERM or SIGUSR1, checkpoint after the current step and exit 0 (no result)"
     )
+    zo_trajectory_checkpoints: bool = option(
+        False,
+        "zeroth-order: a checkpoint records each step's projected gradient and learning rate (kilobytes) "
+        "instead of the weights; resuming retakes those steps from the starting model (no forward passes)",
+    )
 
     # parameter-efficient modes (MeZO's names and defaults)
     lora: bool = option(False, "LoRA on the attention query/value projections (peft); base frozen")
@@ -268,6 +273,16 @@ def validate_arguments(args):
             not ((args.fp16 or args.bf16) and args.trainer in ("zo", "LOZO")),
             "--fp16/--bf16 mixed precision needs gradients; load half-precision weights with --load_float16 "
             "or --load_bfloat16 for zeroth-order training",
+        ),
+        (
+            not (args.zo_trajectory_checkpoints and args.trainer not in ("zo", "LOZO")),
+            "--zo_trajectory_checkpoints records zeroth-order steps: add --trainer zo or --trainer LOZO, "
+            "or drop it",
+        ),
+        (
+            not (args.zo_trajectory_checkpoints and (args.load_best_model_at_end or args.save_only_model)),
+            "--zo_trajectory_checkpoints saves steps, not weights: drop --load_best_model_at_end / "
+            "--save_only_model, or drop it",
         ),
         (
             not (args.fsdp and args.trainer in ("zo", "LOZO")),

@@ -334,6 +334,25 @@ BAD_INPUTS = {
         ["--trainer", "LOZO", "--zo_in_place", "--train_set_seed", "0"],
         ["--zo_in_place", "--trainer zo"],
     ),
+    "trajectory-without-zo": (
+        ["--trainer", "regular", "--zo_trajectory_checkpoints", "--train_set_seed", "0"],
+        ["--zo_trajectory_checkpoints", "--trainer zo"],
+    ),
+    "trajectory-with-best-model": (
+        [
+            "--trainer",
+            "LOZO",
+            "--zo_trajectory_checkpoints",
+            "--train_set_seed",
+            "0",
+            "--eval_strategy",
+            "steps",
+            "--save_strategy",
+            "steps",
+            "--load_best_model_at_end",
+        ],
+        ["--zo_trajectory_checkpoints", "--load_best_model_at_end"],
+    ),  # fmt: skip
     "unknown-lozo-optimizer": (["--lozo_optimizer", "adam"], ["--lozo_optimizer", "adam"]),
     "non-diff-on-sst2": (["--non_diff", "--trainer", "zo"], ["--non_diff", "SST2"]),
     "classification-on-squad": (

@@ -23,6 +23,8 @@ METHODS = {
     "MeZO": ["--trainer", "zo"],
     "FT": ["--trainer", "regular", "--learning_rate", "1e-3"],
 }
+# Checkpoints of the steps alone: a restart replays them onto the starting weights.
+METHODS |= {f"{m}-steps": [*METHODS[m], "--zo_trajectory_checkpoints"] for m in ("LOZO", "MeZO")}
 STEPS = 16
 
 
