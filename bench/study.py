@@ -17,6 +17,11 @@ in-context learning (32 demonstrations, one shared set per seed) are the floors.
 Each run writes its result JSON to docs/study/results/<name>.json and the loss / dev history of its
 trainer_state.json to docs/study/logs/<name>.json (small, committed), so the tables and the figure
 rebuild without rerunning. A run whose result exists is skipped, so an interrupted study resumes.
+
+A run outlives the machine it started on: a zeroth-order run checkpoints its steps (g and learning rate,
+--zo_trajectory_checkpoints), and while it runs its newest checkpoint (tens of kilobytes) is copied into
+docs/study/unfinished/<name>/. Commit that folder; wherever the study runs next, the run resumes from it
+(its steps replayed onto the starting weights, no forward pass) instead of starting over.
 """
 
 import argparse
@@ -29,13 +34,18 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from utils import read_result  # noqa: E402
+from LOZOtrainer import TRAJECTORY_NAME, last_complete_checkpoint  # noqa: E402
+from utils import cpu_lacks_fast_matmul, read_result  # noqa: E402
 
 DOCS = REPO / "docs" / "study"
 RUNS = REPO / "result" / "study"  # run folders: checkpoints while a run is unfinished, and its log
+UNFINISHED = DOCS / "unfinished"  # committed copies of unfinished runs' newest step checkpoints
+KEEP_EVERY_S = 60  # how often a running run's newest checkpoint is copied there
 MODEL = REPO / "models" / "SmolLM2-135M"
 TASKS = ("SST2", "RTE", "WIC")
 SEEDS = (0, 1, 2)
@@ -52,8 +62,9 @@ ZO_METHODS = {
 # dev samples, so the grid was not moved again.
 LR_GRID = (5e-6, 1e-5, 2e-5)
 FT_LRS = (1e-5, 3e-5)
-# LOZO checkpoints at its merge points (8 periods of 50 steps), where saving adds no rounding of its own.
-SAVE_EVERY = {"LOZO": 400, "LOZO-M": 400, "MeZO": 100, "FT": 125}
+# Zeroth-order checkpoints hold steps, not weights: cheap to write and they leave the run untouched, so
+# often. FT's hold weights and AdamW's moments (1.6 GB): every epoch.
+SAVE_EVERY = {"LOZO": 25, "LOZO-M": 25, "MeZO": 25, "FT": 125}
 
 
 def common(task, seed, precision="--load_bfloat16"):
@@ -70,7 +81,7 @@ def zo_run(task, method, seed, lr):
         "--per_device_train_batch_size", "8", "--learning_rate", str(lr), "--zo_eps", "1e-3",
         "--lr_scheduler_type", "constant", "--max_steps", str(STEPS), "--logging_steps", "10",
         "--eval_strategy", "steps", "--eval_steps", str(EVAL_EVERY), "--train_as_classification",
-        *resumable(SAVE_EVERY[method]),
+        *resumable(SAVE_EVERY[method]), "--zo_trajectory_checkpoints",
     ]  # fmt: skip
 
 
@@ -147,6 +158,7 @@ def run_one(name, argv, opts):
                 (folder / f"{name}.json").write_text((folder / f"{argv}.json").read_text())
         return
     out = RUNS / name
+    restore_unfinished(name, out)
     command = [sys.executable, str(REPO / "run_lozo.py"), *argv, "--output_dir", str(out)]
     command += ["--result_file", str(results / f"{name}.json"), "--report_to", "none", "--tag", name]
     began = time.time()
@@ -158,12 +170,14 @@ def run_one(name, argv, opts):
     attempts = begin_attempt(out, log, began)
     print(f"{name}: running, output in {log}", flush=True)
     with open(log, "a") as sink:
-        done = subprocess.run(command, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
-    if done.returncode == 0:
-        record_wall_time(name, attempts, time.time())
-    if done.returncode != 0:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        while (returncode := wait(process, KEEP_EVERY_S)) is None:
+            keep_unfinished(name, out, attempts)
+    if returncode != 0:
         tail = log.read_text()[-3000:]
-        sys.exit(f"error: {name} failed (exit {done.returncode}); the end of {log}:\n{tail}")
+        sys.exit(f"error: {name} failed (exit {returncode}); the end of {log}:\n{tail}")
+    record_wall_time(name, attempts, time.time())
+    shutil.rmtree(UNFINISHED / name, ignore_errors=True)
     state = out / "trainer_state.json"
     if state.exists():  # keep the curves (small), not the run folder
         history = json.loads(state.read_text())["log_history"]
@@ -172,6 +186,46 @@ def run_one(name, argv, opts):
     for checkpoint in out.glob("checkpoint-*"):  # finished: the resume points are not needed any more
         shutil.rmtree(checkpoint)
     print(f"{name}: {read_result(results / f'{name}.json')[0]} ({time.time() - began:.0f} s)", flush=True)
+
+
+def wait(process, seconds):
+    """The process's exit code, or None if it is still running after `seconds`."""
+    try:
+        return process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def keep_unfinished(name, out, attempts):
+    """Copy the run's newest step checkpoint, and its attempts so far, into docs/study/unfinished/<name>/
+    (replacing the older copy whole, so a kill leaves one complete checkpoint there)."""
+    checkpoint = last_complete_checkpoint(out)
+    if checkpoint is None or not (Path(checkpoint) / TRAJECTORY_NAME).exists():
+        return  # none yet, or one that holds weights (first-order): too large to commit
+    kept = UNFINISHED / name
+    staged = kept.with_name(f".{name}")
+    shutil.rmtree(staged, ignore_errors=True)
+    shutil.copytree(checkpoint, staged / Path(checkpoint).name)
+    # The attempt goes on; if this machine goes away, it ended about now.
+    (staged / "attempts.json").write_text(json.dumps([*attempts[:-1], [attempts[-1][0], time.time()]]) + "\n")
+    shutil.rmtree(kept, ignore_errors=True)
+    staged.rename(kept)
+
+
+def restore_unfinished(name, out):
+    """Put a committed unfinished checkpoint back into the run folder, unless the run got further here."""
+    kept = UNFINISHED / name
+    checkpoints = list(kept.glob("checkpoint-*")) if kept.is_dir() else []
+    if not checkpoints:
+        return
+    here = last_complete_checkpoint(out)
+    if here is not None and int(Path(here).name.split("-")[-1]) >= int(checkpoints[0].name.split("-")[-1]):
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(checkpoints[0], out / checkpoints[0].name, dirs_exist_ok=True)
+    if not (out / "attempts.json").exists():
+        shutil.copyfile(kept / "attempts.json", out / "attempts.json")
+    print(f"{name}: resuming from the committed {kept / checkpoints[0].name}", flush=True)
 
 
 def begin_attempt(out, log, now):
@@ -209,6 +263,11 @@ def wall_time(name, run):
 
 
 def command_run(opts):
+    if cpu_lacks_fast_matmul(torch.bfloat16) and not torch.cuda.is_available() and not opts.slow_cpu:
+        sys.exit(
+            "error: this CPU has no bfloat16 matrix instructions (avx512_bf16 / AMX): the study's bf16 runs "
+            "take 15-30x the wall times in its tables; run it on a CPU that has them, or pass --slow-cpu"
+        )
     (DOCS / "results").mkdir(parents=True, exist_ok=True)
     while True:  # selections finishing make final runs appear: plan again until nothing is left
         pending = [
@@ -353,6 +412,7 @@ def main():
     parser.add_argument("--only", default="", help="only the runs whose name contains this text")
     parser.add_argument("--skip", default="", help="not the runs whose name contains this text")
     parser.add_argument("--threads", type=int, default=0, help="torch threads of each run (0: its default)")
+    parser.add_argument("--slow-cpu", action="store_true", help="run even where bf16 has no fast matmul")
     opts = parser.parse_args()
     {"run": command_run, "list": command_list, "tables": command_tables}[opts.command](opts)
 

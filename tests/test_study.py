@@ -4,6 +4,7 @@ selection run (not rerun)."""
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import study  # noqa: E402
 @pytest.fixture
 def empty_study(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "DOCS", tmp_path)
+    monkeypatch.setattr(study, "UNFINISHED", tmp_path / "unfinished")
     (tmp_path / "results").mkdir()
     return tmp_path
 
@@ -124,3 +126,61 @@ def test_wall_time_sums_the_attempts_of_a_resumed_run(empty_study, tmp_path, cap
     study.command_tables(None)
     assert "| SST2 | MeZO | 1e-05 | 70 | 50.0 | " in (printed := capsys.readouterr().out)
     assert "| 2 min (2 attempts) |" in printed  # 90 s, rounded
+
+
+def test_an_unfinished_run_committed_on_one_machine_resumes_on_another(
+    empty_study, tmp_path, monkeypatch, tiny_opt_dir, data_dir
+):
+    """A zeroth-order run stopped at step 2 of 4 leaves its step checkpoint in docs/study/unfinished/; a
+    machine without the run folder (a clean clone) replays those steps and finishes the run."""
+    monkeypatch.setattr(study, "RUNS", tmp_path / "runs")
+    name, out = "select-SST2-LOZO-lr1e-06", tmp_path / "runs" / "select-SST2-LOZO-lr1e-06"
+    argv = [
+        "--task_name", "SST2", "--model_name", str(tiny_opt_dir), "--data_dir", str(data_dir),
+        "--num_train", "16", "--num_eval", "4", "--train_set_seed", "0", "--trainer", "LOZO",
+        "--per_device_train_batch_size", "4", "--train_as_classification", "--learning_rate", "1e-6",
+        "--max_steps", "4", *study.resumable(2), "--zo_trajectory_checkpoints",
+    ]  # fmt: skip
+    # The first machine: two steps done (the run is stopped after its checkpoint-2), then it goes away.
+    assert run_lozo.main([*argv, "--output_dir", str(out), "--no_eval", "--save_total_limit", "2"]) == 0
+    shutil.rmtree(out / "checkpoint-4")
+    study.keep_unfinished(name, out, [[100.0, None]])
+    kept = empty_study / "unfinished" / name
+    assert sorted(p.name for p in kept.iterdir()) == ["attempts.json", "checkpoint-2"]
+    assert sum(f.stat().st_size for f in (kept / "checkpoint-2").iterdir()) < 64_000
+    shutil.rmtree(tmp_path / "runs")
+
+    study.run_one(name, argv, argparse.Namespace(threads=1))
+    log = (out / "run.log").read_text()
+    assert "resuming from" in log and "replaying 2 zeroth-order steps" in log
+    assert (empty_study / "results" / f"{name}.json").exists()
+    assert not kept.exists()  # finished: nothing left to resume
+    times = json.loads((empty_study / "wall_times.json").read_text())
+    assert times[name]["attempts"] == 2
+
+
+def test_keeping_replaces_the_older_checkpoint_whole(empty_study, tmp_path):
+    out = tmp_path / "run"
+    for step in (25, 50):
+        checkpoint = out / f"checkpoint-{step}"
+        checkpoint.mkdir(parents=True)
+        for file in ("trainer_state.json", study.TRAJECTORY_NAME):
+            (checkpoint / file).write_text("{}")
+        (checkpoint / "rng_state.pth").write_bytes(zip_bytes())
+        (checkpoint / "scheduler.pt").write_bytes(zip_bytes())
+        study.keep_unfinished("run", out, [[10.0, 20.0], [30.0, None]])
+        kept = empty_study / "unfinished" / "run"
+        assert [p.name for p in kept.glob("checkpoint-*")] == [f"checkpoint-{step}"]
+        attempts = json.loads((kept / "attempts.json").read_text())
+        assert attempts[0] == [10.0, 20.0] and attempts[1][1] > 30.0  # the running attempt: ended by now
+    assert not list(empty_study.glob("unfinished/.*"))  # no staging folder left behind
+
+
+def zip_bytes():
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("data", b"0")
+    return buffer.getvalue()
