@@ -552,6 +552,17 @@ class ZOOptimizer(torch.optim.Optimizer):
         }
         return state
 
+    def refuse_other_settings(self, saved, weight_decay=None):
+        """A resume continues the same run: settings that differ from the checkpoint's are an error naming
+        them. (A loaded optimizer state brings its own weight decay; a replay checks the recorded one.)"""
+        now = self.settings()
+        changed = {k: (v, now[k]) for k, v in saved.items() if now[k] != v}
+        decay_now = [group["weight_decay"] for group in self.param_groups]
+        if weight_decay is not None and weight_decay != decay_now:
+            changed["weight_decay"] = (weight_decay, decay_now)
+        if changed:
+            raise UsageError(f"the checkpoint was trained with other settings (checkpoint, now): {changed}")
+
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
         zo = state_dict.pop("zo", None)
@@ -559,15 +570,12 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise UsageError(
                 "the checkpoint holds no zeroth-order state; resume with the trainer that wrote it"
             )
-        now = self.settings()
-        changed = {k: (v, now[k]) for k, v in zo["settings"].items() if now[k] != v}
-        if changed:
-            raise UsageError(f"the checkpoint was trained with other settings (checkpoint, now): {changed}")
+        self.refuse_other_settings(zo["settings"])
         super().load_state_dict(state_dict)
         device = {i: p.device for i, p in self.tensors}
         self.zo_step, self.skipped = zo["step"], zo["skipped"]
-        # Checkpoints from before the step record have none: a trajectory checkpoint then refuses to save.
-        self.trajectory = zo.get("trajectory", {"start": None, "steps": None, "settled_at": []})
+        # A checkpoint from before steps were recorded has none: `record` then finds steps missing.
+        self.trajectory = zo.get("trajectory", {"start": None, "steps": [], "settled_at": []})
         self.momentum = {int(i): m.to(device[int(i)]) for i, m in zo["momentum"].items()}
         for i, master in zo.get("masters", {}).items():
             self.masters[int(i)].copy_(master)
@@ -596,7 +604,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     def record(self):
         """This run so far as JSON-ready steps: what `replay` needs, a few bytes a step."""
         steps = self.trajectory["steps"]
-        if steps is None or len(steps) != self.zo_step or self.trajectory["start"] is None:
+        if len(steps) != self.zo_step or self.trajectory["start"] is None:
             raise UsageError(
                 "this run's steps since its start are not all recorded (it began without "
                 "--zo_trajectory_checkpoints); continue it with full checkpoints"
@@ -609,12 +617,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Retake the recorded steps from the starting weights: the same seeds, g and learning rates make the
         same updates and roundings, so the weights come out bit for bit as the run left them (on the same
         kind of machine), at the cost of the updates alone: no forward pass."""
-        now = self.settings()
-        changed = {k: (v, now[k]) for k, v in record["settings"].items() if now[k] != v}
-        if record["weight_decay"] != [group["weight_decay"] for group in self.param_groups]:
-            changed["weight_decay"] = (record["weight_decay"], [g["weight_decay"] for g in self.param_groups])
-        if changed:
-            raise UsageError(f"the checkpoint was trained with other settings (checkpoint, now): {changed}")
+        self.refuse_other_settings(record["settings"], record["weight_decay"])
         if self.zo_step != 0 or self.fingerprint() != record["start"]:
             raise UsageError(
                 "the checkpoint's steps start from other weights than this model's; resume with the model "

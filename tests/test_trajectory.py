@@ -114,8 +114,9 @@ def test_replay_retakes_skipped_steps_and_merges_and_checks_the_settings_and_the
     record = json.loads(json.dumps(run.record()))  # through JSON, as a checkpoint holds it
     assert math.isnan(record["steps"][1][0]) and record["settled_at"] == [3, 5]
 
-    def fresh(weights, seed=3):
-        return ZOOptimizer([torch.nn.Parameter(weights)], lr=0.1, seed=seed, low_rank=True, step_interval=2)
+    def fresh(weights, seed=3, weight_decay=0.0):
+        settings = dict(low_rank=True, step_interval=2, weight_decay=weight_decay)
+        return ZOOptimizer([torch.nn.Parameter(weights)], lr=0.1, seed=seed, **settings)
 
     again = fresh(start.clone())
     again.replay(record)
@@ -126,6 +127,8 @@ def test_replay_retakes_skipped_steps_and_merges_and_checks_the_settings_and_the
         fresh(start + 1).replay(record)
     with pytest.raises(UsageError, match="'seed': \\(3, 4\\)"):
         fresh(start.clone(), seed=4).replay(record)
+    with pytest.raises(UsageError, match="'weight_decay': \\(\\[0.0\\], \\[0.1\\]\\)"):
+        fresh(start.clone(), weight_decay=0.1).replay(record)
 
 
 def test_a_run_that_began_without_a_record_cannot_save_one():
@@ -134,6 +137,9 @@ def test_a_run_that_began_without_a_record_cannot_save_one():
     del state["zo"]["trajectory"]  # a checkpoint written before steps were recorded
     resumed = ZOOptimizer([run.tensors[0][1]], lr=0.1, seed=3, low_rank=True, rank=2, replayable=True)
     resumed.load_state_dict(state)
+    resumed.begin_step()
+    resumed.set_projected_grad(1.0)
+    resumed.step()  # it trains on
     with pytest.raises(UsageError, match="full checkpoints"):
         resumed.record()
 
