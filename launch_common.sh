@@ -9,14 +9,11 @@ TRAIN=${TRAIN:-1000}
 EVAL=${EVAL:-1000}
 STEPS=${STEPS:-20000}
 EVAL_STEPS=${EVAL_STEPS:-4000}
-# Weight dtype: MeZO's fp16 on a GPU, bf16 without one (fp16 matrix products are slow on most CPUs).
+# Weight dtype: MeZO's fp16 on a GPU; on a CPU bf16 where it has bf16 matrix instructions (AMX,
+# avx512_bf16), else float32 (emulated bf16 is several times slower there; fp16 is slow on most CPUs).
 # PRECISION=--load_float16, --load_bfloat16 or "" (float32) chooses.
 if [ -z "${PRECISION+set}" ]; then
-    if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
-        PRECISION=--load_float16
-    else
-        PRECISION=--load_bfloat16
-    fi
+    PRECISION=$(python utils.py default-precision)
 fi
 MODEL_NAME=${MODEL%/}
 MODEL_NAME=${MODEL_NAME##*/}

@@ -3,7 +3,8 @@
 # zero-shot, in-context learning with 32 demonstrations, and LOZO fine-tuning from the zero-shot model with
 # its training-curve plot. It ends with a summary: what ran, the metrics, every file written.
 #
-#   bash quickstart.sh          the short version (README: measured wall time), in bf16
+#   bash quickstart.sh          the short version (README: measured wall time), in bf16 (float32 on a
+#                               CPU without bf16 matrix instructions, where bf16 is several times slower)
 #   FULL=1 bash quickstart.sh   the README's full-size numbers: float32, all 872 validation samples for
 #                               ICL and LOZO, 300 LOZO steps (README: measured wall time)
 #
@@ -20,7 +21,7 @@ if [ "${FULL:-0}" = 1 ]; then
     EVAL=${EVAL:-} ICL_EVAL=${ICL_EVAL:-} STEPS=${STEPS:-300} PRECISION=${PRECISION-}
     OUT=${OUT:-result/quickstart-full}
 else
-    EVAL=${EVAL:-} ICL_EVAL=${ICL_EVAL:-100} STEPS=${STEPS:-150} PRECISION=${PRECISION---load_bfloat16}
+    EVAL=${EVAL:-} ICL_EVAL=${ICL_EVAL:-100} STEPS=${STEPS:-150} PRECISION=${PRECISION-$(python utils.py default-precision)}
     OUT=${OUT:-result/quickstart}
 fi
 samples() { [ -n "$1" ] && echo "--num_eval $1"; true; } # empty: the whole validation split

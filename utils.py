@@ -2,6 +2,7 @@
 
 python utils.py prepare-model smollm2    # the offline model, once
 python utils.py summarize result/quickstart   # results in a folder and the files written there
+python utils.py default-precision     # the launchers' weight dtype flag here (fp16 GPU, bf16 or float32 CPU)
 """
 
 import contextlib
@@ -393,6 +394,15 @@ def cpu_lacks_fast_matmul(dtype):
     return flags is not None and not any(flag in flags for flag in FAST_MATMUL_FLAGS[dtype])
 
 
+def default_precision():
+    """The weight-dtype flag the launchers pass when PRECISION is unset: MeZO's fp16 on a GPU; on a CPU bf16
+    where it has bf16 matrix instructions, else float32 (there bf16 products are emulated: 7.4x slower
+    than float32 on an AVX2-only EPYC)."""
+    if torch.cuda.is_available():
+        return "--load_float16"
+    return "" if cpu_lacks_fast_matmul(torch.bfloat16) else "--load_bfloat16"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Results
 
@@ -522,8 +532,13 @@ def main(argv):
     if argv[:1] == ["summarize"] and len(argv) == 2:
         print(summarize(argv[1]))
         return 0
+    if argv == ["default-precision"]:
+        print(default_precision())
+        return 0
     if argv[:2] != ["prepare-model", "smollm2"]:
-        print("usage: python utils.py prepare-model smollm2 [OUT_DIR] | summarize FOLDER", file=sys.stderr)
+        usage = "usage: python utils.py prepare-model smollm2 [OUT_DIR] | summarize FOLDER"
+        usage += " | default-precision"
+        print(usage, file=sys.stderr)
         return 2
     try:
         out = prepare_smollm2(argv[2] if len(argv) > 2 else DEFAULT_MODEL_DIR)

@@ -11,6 +11,7 @@ import torch
 
 import run_lozo
 import tasks
+import utils
 from utils import UsageError, read_result
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,9 +21,10 @@ def launch(script, env, *args, tmp_path, base_env=None):
     # The launchers cd into the repo and write result/ there: run a copy of the repo's scripts instead.
     for name in ("icl.sh", "lozo.sh", "mezo.sh", "finetune.sh", "launch_common.sh"):
         (tmp_path / name).write_text((REPO / name).read_text())
-    shim = f"import runpy, sys\nsys.path.insert(0, {str(REPO)!r})\n"
-    shim += f"runpy.run_path({str(REPO / 'run_lozo.py')!r}, run_name='__main__')\n"
-    (tmp_path / "run_lozo.py").write_text(shim)
+    for name in ("run_lozo.py", "utils.py"):
+        shim = f"import runpy, sys\nsys.path.insert(0, {str(REPO)!r})\n"
+        shim += f"runpy.run_path({str(REPO / name)!r}, run_name='__main__')\n"
+        (tmp_path / name).write_text(shim)
     full_env = dict(os.environ if base_env is None else base_env, **{k: str(v) for k, v in env.items()})
     return subprocess.run(
         ["bash", str(tmp_path / script), *args], env=full_env, capture_output=True, text=True
@@ -129,17 +131,31 @@ def test_mode_selects_the_parameters_and_mezo_defaults(mode, tiny_opt_dir, data_
     assert f"learning_rate = {float(fo_lr)!r}" in done.stderr and flags[0] in done.stderr
 
 
-def has_gpu():
-    try:
-        return subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
-    except FileNotFoundError:
-        return False
+@pytest.mark.parametrize(
+    ("cuda", "flags", "expected"),
+    [
+        (True, [], "--load_float16"),
+        (False, ["avx2", "amx_bf16"], "--load_bfloat16"),
+        (False, ["avx512_bf16"], "--load_bfloat16"),
+        (False, ["avx2", "fma"], ""),  # no bf16 matrix instructions: float32
+        (False, None, "--load_bfloat16"),  # flags unreadable: assume a modern CPU
+    ],
+)
+def test_default_precision_follows_the_hardware(cuda, flags, expected, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(utils, "cpu_flags", lambda: flags)
+    assert utils.default_precision() == expected
 
 
 @pytest.mark.parametrize(
     ("precision", "expected"),
     [
-        (None, "load_float16 = True" if has_gpu() else "load_bfloat16 = True"),  # MeZO's fp16 needs a GPU
+        (
+            None,
+            {"--load_float16": "load_float16 = True", "--load_bfloat16": "load_bfloat16 = True"}.get(
+                utils.default_precision()
+            ),
+        ),  # MeZO's fp16 needs a GPU; bf16 needs bf16 matrix instructions
         ("--load_float16", "load_float16 = True"),
         ("", None),  # float32
     ],
