@@ -55,3 +55,16 @@ def test_unknown_shape_is_a_one_line_error(tmp_path):
     assert done.stderr.strip().splitlines() == [
         "error: unknown shape shape:opt-7b; use one of: shape:opt-125m, shape:opt-350m, shape:opt-1.3b"
     ]
+
+
+def test_replay_benchmark_replays_each_method_bit_for_bit(tiny_opt_dir, tmp_path):
+    out = tmp_path / "replay.json"
+    command = [sys.executable, str(REPO / "bench" / "replay.py"), "--model", str(tiny_opt_dir)]
+    command += ["--steps", "120", "--mezo-steps", "3", "--out", str(out)]  # past two V redraws
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert list(report["methods"]) == ["LOZO", "LOZO-M", "MeZO"]
+    for name, method in report["methods"].items():
+        assert method["bit_identical"] and method["replay_s"] > 0 and method["record_bytes"] > 0, name
+    assert report["methods"]["LOZO"]["steps"] == 120 and report["methods"]["MeZO"]["steps"] == 3
