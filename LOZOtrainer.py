@@ -609,19 +609,62 @@ class ZOOptimizer(torch.optim.Optimizer):
                 "this run's steps since its start are not all recorded (it began without "
                 "--zo_trajectory_checkpoints); continue it with full checkpoints"
             )
-        weight_decay = [group["weight_decay"] for group in self.param_groups]
-        return {"settings": self.settings(), "weight_decay": weight_decay, **self.trajectory}
+        return {
+            "settings": self.settings(),
+            "weight_decay": [group["weight_decay"] for group in self.param_groups],
+            **self.drawn_by(),
+            **self.trajectory,
+            "digest": self.state_digest(),  # where the steps lead: a replay checks it arrived
+        }
+
+    def drawn_by(self):
+        """What the directions depend on besides the settings: the generator (its device type and torch's
+        algorithms: a CUDA generator draws other numbers than a CPU one for the same seed) and which
+        tensors are trained, in which order."""
+        tensors = [[self.names.get(id(p), str(i)), list(p.shape)] for i, p in self.tensors]
+        return {
+            "device": self.tensors[0][1].device.type,
+            "torch": torch.__version__,
+            "tensors": hashlib.sha256(json.dumps(tensors).encode()).hexdigest(),
+        }
+
+    def state_digest(self):
+        """SHA-256 of the small state every step changes: each LOZO matrix's factors, scale and momentum, and
+        every tensor of at most CHUNK elements (its master, if any). A replay that took other steps ends
+        with another digest."""
+        hasher = hashlib.sha256()
+        for i, p in self.tensors:
+            if i in self.matrices:
+                matrix = self.matrices[i]
+                k = matrix.rank + matrix.used
+                parts = [matrix.left[:k], matrix.right[:k], matrix.C, torch.tensor([matrix.scale])]
+                parts += [self.momentum[i]] if i in self.momentum else []
+            else:
+                parts = [self.masters.get(i, p.detach())] if p.numel() <= CHUNK else []
+            for part in parts:
+                hasher.update(part.detach().contiguous().cpu().view(torch.uint8).numpy())
+        return hasher.hexdigest()
 
     @torch.no_grad()
     def replay(self, record, log_every=100):
         """Retake the recorded steps from the starting weights: the same seeds, g and learning rates make the
         same updates and roundings, so the weights come out bit for bit as the run left them (on the same
         kind of machine), at the cost of the updates alone: no forward pass."""
+        if self.zo_step != 0:
+            raise RuntimeError("replay() retakes a run from its first step: use a new optimizer")
         self.refuse_other_settings(record["settings"], record["weight_decay"])
-        if self.zo_step != 0 or self.fingerprint() != record["start"]:
+        here = self.drawn_by()
+        changed = {k: (record[k], v) for k, v in here.items() if record[k] != v}
+        if changed:
             raise UsageError(
-                "the checkpoint's steps start from other weights than this model's; resume with the model "
-                "(and --load_bfloat16 / --load_float16) the run started from"
+                f"the checkpoint's directions were drawn elsewhere (checkpoint, here): {changed}; replay it "
+                "on the device type and torch version it was written with, training the same tensors"
+            )
+        if self.fingerprint() != record["start"]:
+            raise UsageError(
+                "the checkpoint's steps start from other weights than this model's; resume with the model, "
+                "dtype (--load_bfloat16 / --load_float16) and mode (--lora, --prefix_tuning, --untie_emb, "
+                "--load_adapter) the run started with"
             )
         self.trajectory["start"] = record["start"]
         settled = set(record["settled_at"])
@@ -640,6 +683,11 @@ class ZOOptimizer(torch.optim.Optimizer):
                 logger.info("replayed %d of %d steps", self.zo_step, len(record["steps"]))
         if self.zo_step in settled:
             self.settle()
+        if self.state_digest() != record["digest"]:  # e.g. another CPU's vectorised draws or matrix products
+            logger.warning(
+                "the replayed state differs from the checkpoint's in its last bits (another kind of CPU?): "
+                "the run goes on from the same steps, not bit for bit"
+            )
 
 
 class SaveOnInterruptCallback(TrainerCallback):
@@ -976,6 +1024,11 @@ class LowRankTrainer(Trainer):
     def _replay_checkpoint(self, checkpoint):
         with open(os.path.join(checkpoint, TRAJECTORY_NAME)) as f:
             record = json.load(f)
+        if len(record["steps"]) != self.state.global_step:
+            raise UsageError(
+                f"{checkpoint} records {len(record['steps'])} steps but its trainer state is at step "
+                f"{self.state.global_step}; resume from another checkpoint"
+            )
         logger.info("replaying %d zeroth-order steps from %s", len(record["steps"]), checkpoint)
         self.zo_optimizer.replay(record)
         scheduler = torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True)
@@ -1012,6 +1065,8 @@ class LowRankTrainer(Trainer):
             self._replay_checkpoint(checkpoint)
         else:
             super()._load_optimizer_and_scheduler(checkpoint)
+            if checkpoint is not None and self.saves_trajectories:
+                self.zo_optimizer.record()  # refused now if the steps are not all recorded, not at a save
         if checkpoint is not None and self.is_zo and self.zo_optimizer.zo_step != self.state.global_step:
             raise UsageError(
                 f"checkpoint {checkpoint} has no optimizer state for step {self.state.global_step} "

@@ -3,8 +3,9 @@
 # zero-shot, in-context learning with 32 demonstrations, and LOZO fine-tuning from the zero-shot model with
 # its training-curve plot. It ends with a summary: what ran, the metrics, every file written.
 #
-#   bash quickstart.sh          the short version (README: measured wall time), in bf16 (float32 on a
-#                               CPU without bf16 matrix instructions, where bf16 is several times slower)
+#   bash quickstart.sh          the short version (README: measured wall time), in the launchers'
+#                               precision: bf16 on a CPU with bf16 matrix instructions, else float32;
+#                               fp16 on a GPU (python utils.py default-precision)
 #   FULL=1 bash quickstart.sh   the README's full-size numbers: float32, all 872 validation samples for
 #                               ICL and LOZO, 300 LOZO steps (README: measured wall time)
 #

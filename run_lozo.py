@@ -280,6 +280,13 @@ def validate_arguments(args):
             "or drop it",
         ),
         (
+            not (
+                args.zo_trajectory_checkpoints and args.zo_in_place and args.gradient_accumulation_steps > 1
+            ),
+            "--zo_trajectory_checkpoints with --zo_in_place replays one perturbation per step, but "
+            "--gradient_accumulation_steps makes one per micro-batch (each rounds in place): drop one",
+        ),
+        (
             not (args.zo_trajectory_checkpoints and (args.load_best_model_at_end or args.save_only_model)),
             "--zo_trajectory_checkpoints saves steps, not weights: drop --load_best_model_at_end / "
             "--save_only_model, or drop it",

@@ -39,8 +39,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from LOZOtrainer import TRAJECTORY_NAME, last_complete_checkpoint  # noqa: E402
-from utils import cpu_lacks_fast_matmul, read_result  # noqa: E402
+from LOZOtrainer import TRAJECTORY_NAME, checkpoint_problem, last_complete_checkpoint  # noqa: E402
+from utils import cpu_lacks_fast_matmul, read_result, replace_folder  # noqa: E402
 
 DOCS = REPO / "docs" / "study"
 RUNS = REPO / "result" / "study"  # run folders: checkpoints while a run is unfinished, and its log
@@ -173,9 +173,10 @@ def run_one(name, argv, opts):
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
         while (returncode := wait(process, KEEP_EVERY_S)) is None:
             keep_unfinished(name, out, attempts)
-    if returncode != 0:
+    if returncode != 0 or not (results / f"{name}.json").exists():
+        keep_unfinished(name, out, attempts)  # the newest steps, also of a run stopped by a signal (exit 0)
         tail = log.read_text()[-3000:]
-        sys.exit(f"error: {name} failed (exit {returncode}); the end of {log}:\n{tail}")
+        sys.exit(f"error: {name} stopped unfinished (exit {returncode}); the end of {log}:\n{tail}")
     record_wall_time(name, attempts, time.time())
     shutil.rmtree(UNFINISHED / name, ignore_errors=True)
     state = out / "trainer_state.json"
@@ -197,23 +198,30 @@ def wait(process, seconds):
 
 
 def keep_unfinished(name, out, attempts):
-    """Copy the run's newest step checkpoint, and its attempts so far, into docs/study/unfinished/<name>/
-    (replacing the older copy whole, so a kill leaves one complete checkpoint there)."""
-    checkpoint = last_complete_checkpoint(out)
-    if checkpoint is None or not (Path(checkpoint) / TRAJECTORY_NAME).exists():
-        return  # none yet, or one that holds weights (first-order): too large to commit
-    kept = UNFINISHED / name
-    staged = kept.with_name(f".{name}")
-    shutil.rmtree(staged, ignore_errors=True)
-    shutil.copytree(checkpoint, staged / Path(checkpoint).name)
+    """Copy the run's newest step checkpoint, and its attempts so far, into docs/study/unfinished/<name>/,
+    replacing the older copy in one rename once the new one is checked whole (the trainer may rotate a
+    checkpoint away mid-copy: that round is skipped)."""
+    staged = UNFINISHED / f".{name}"  # git-ignored
+    try:
+        checkpoint = last_complete_checkpoint(out)
+        if checkpoint is None or not (Path(checkpoint) / TRAJECTORY_NAME).exists():
+            return  # none yet, or one that holds weights (first-order): too large to commit
+        if (UNFINISHED / name / Path(checkpoint).name).is_dir():
+            return  # kept already
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(checkpoint, staged / Path(checkpoint).name)
+        if checkpoint_problem(staged / Path(checkpoint).name) is not None:
+            return
+    except (OSError, shutil.Error):
+        return
     # The attempt goes on; if this machine goes away, it ended about now.
     (staged / "attempts.json").write_text(json.dumps([*attempts[:-1], [attempts[-1][0], time.time()]]) + "\n")
-    shutil.rmtree(kept, ignore_errors=True)
-    staged.rename(kept)
+    replace_folder(str(staged), str(UNFINISHED / name))
 
 
 def restore_unfinished(name, out):
-    """Put a committed unfinished checkpoint back into the run folder, unless the run got further here."""
+    """Put a committed unfinished checkpoint, and the attempts that made it, back into the run folder,
+    unless the run got further here."""
     kept = UNFINISHED / name
     checkpoints = list(kept.glob("checkpoint-*")) if kept.is_dir() else []
     if not checkpoints:
@@ -222,9 +230,11 @@ def restore_unfinished(name, out):
     if here is not None and int(Path(here).name.split("-")[-1]) >= int(checkpoints[0].name.split("-")[-1]):
         return
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(checkpoints[0], out / checkpoints[0].name, dirs_exist_ok=True)
-    if not (out / "attempts.json").exists():
-        shutil.copyfile(kept / "attempts.json", out / "attempts.json")
+    staged = out / f".{checkpoints[0].name}"
+    shutil.rmtree(staged, ignore_errors=True)
+    shutil.copytree(checkpoints[0], staged)
+    replace_folder(str(staged), str(out / checkpoints[0].name))
+    shutil.copyfile(kept / "attempts.json", out / "attempts.json")
     print(f"{name}: resuming from the committed {kept / checkpoints[0].name}", flush=True)
 
 

@@ -353,6 +353,19 @@ BAD_INPUTS = {
         ],
         ["--zo_trajectory_checkpoints", "--load_best_model_at_end"],
     ),  # fmt: skip
+    "trajectory-in-place-accumulating": (
+        [
+            "--trainer",
+            "zo",
+            "--zo_in_place",
+            "--zo_trajectory_checkpoints",
+            "--train_set_seed",
+            "0",
+            "--gradient_accumulation_steps",
+            "2",
+        ],
+        ["--zo_trajectory_checkpoints", "--zo_in_place", "--gradient_accumulation_steps"],
+    ),  # fmt: skip
     "unknown-lozo-optimizer": (["--lozo_optimizer", "adam"], ["--lozo_optimizer", "adam"]),
     "non-diff-on-sst2": (["--non_diff", "--trainer", "zo"], ["--non_diff", "SST2"]),
     "classification-on-squad": (

@@ -99,7 +99,7 @@ def test_a_failed_run_keeps_its_output_in_a_log_and_stops_the_study(empty_study,
         study.run_one("broken", ["--task_name", "NoSuchTask"], options)
     log = tmp_path / "runs" / "broken" / "run.log"
     assert "NoSuchTask" in log.read_text()
-    assert f"broken failed (exit 2); the end of {log}" in str(stopped.value)
+    assert f"broken stopped unfinished (exit 2); the end of {log}" in str(stopped.value)
     assert "NoSuchTask" in str(stopped.value)
     assert not (empty_study / "results" / "broken.json").exists()
 
@@ -157,6 +157,26 @@ def test_an_unfinished_run_committed_on_one_machine_resumes_on_another(
     assert not kept.exists()  # finished: nothing left to resume
     times = json.loads((empty_study / "wall_times.json").read_text())
     assert times[name]["attempts"] == 2
+
+
+def test_a_run_that_exits_0_without_a_result_is_kept_not_cleaned_up(
+    empty_study, tmp_path, monkeypatch, tiny_opt_dir, data_dir
+):
+    """--save_on_interrupt: SIGTERM checkpoints and exits 0 with no result. The study must stop there, with
+    the steps kept for the next machine, not take the run as finished and delete its checkpoints."""
+    monkeypatch.setattr(study, "RUNS", tmp_path / "runs")
+    name, out = "select-SST2-MeZO-lr1e-06", tmp_path / "runs" / "select-SST2-MeZO-lr1e-06"
+    argv = [
+        "--task_name", "SST2", "--model_name", str(tiny_opt_dir), "--data_dir", str(data_dir),
+        "--num_train", "16", "--train_set_seed", "0", "--trainer", "zo", "--per_device_train_batch_size", "4",
+        "--train_as_classification", "--max_steps", "2", *study.resumable(2), "--zo_trajectory_checkpoints",
+        "--no_eval",  # like an interrupted run: exit 0, no result
+    ]  # fmt: skip
+    with pytest.raises(SystemExit, match=f"{name} stopped unfinished \\(exit 0\\)"):
+        study.run_one(name, argv, argparse.Namespace(threads=1))
+    assert (out / "checkpoint-2").is_dir()
+    assert (empty_study / "unfinished" / name / "checkpoint-2" / study.TRAJECTORY_NAME).is_file()
+    assert not (empty_study / "wall_times.json").exists()
 
 
 def test_keeping_replaces_the_older_checkpoint_whole(empty_study, tmp_path):

@@ -84,6 +84,7 @@ def test_trajectory_checkpoints_leave_the_run_alone_and_resume_bit_for_bit(
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "replaying 4 zeroth-order steps" in done.stderr
+    assert "differs from the checkpoint" not in done.stderr  # the replay arrived where the run was
 
     start = load_file(next(Path(tiny_opt_dir).glob("*.safetensors")))
     final = weights(plain)
@@ -106,7 +107,7 @@ def stepped(weight, grads, settle_at=(), **settings):
     return optimizer
 
 
-def test_replay_retakes_skipped_steps_and_merges_and_checks_the_settings_and_the_start():
+def test_replay_retakes_skipped_steps_and_merges_and_checks_the_settings_and_the_start(caplog):
     start = torch.randn(64, 48, dtype=torch.bfloat16)
     grads = [1.0, float("nan"), -2.0, 0.5, 3.0]
     run = stepped(torch.nn.Parameter(start.clone()), grads, settle_at=(3,), step_interval=2)
@@ -129,6 +130,13 @@ def test_replay_retakes_skipped_steps_and_merges_and_checks_the_settings_and_the
         fresh(start.clone(), seed=4).replay(record)
     with pytest.raises(UsageError, match="'weight_decay': \\(\\[0.0\\], \\[0.1\\]\\)"):
         fresh(start.clone(), weight_decay=0.1).replay(record)
+    with pytest.raises(UsageError, match="drawn elsewhere .*'device': \\('cuda', 'cpu'\\)"):
+        fresh(start.clone()).replay(record | {"device": "cuda"})  # a CUDA generator draws other numbers
+    with pytest.raises(UsageError, match="drawn elsewhere .*'tensors'"):
+        fresh(start.clone()).replay(record | {"tensors": "other names or shapes"})
+    assert "differs from the checkpoint" not in caplog.text
+    fresh(start.clone()).replay(record | {"digest": "another state"})
+    assert "differs from the checkpoint's in its last bits" in caplog.text
 
 
 def test_a_run_that_began_without_a_record_cannot_save_one():
