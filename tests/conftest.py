@@ -41,6 +41,17 @@ def build_opt_tokenizer():
     )
 
 
+def copy_launchers(folder):
+    """The launchers cd into their folder and write result/ there: tests run copies of them, beside shims
+    that run the repo's run_lozo.py and utils.py (which they call)."""
+    for launcher in REPO.glob("*.sh"):
+        (folder / launcher.name).write_text(launcher.read_text())
+    for name in ("run_lozo.py", "utils.py"):
+        shim = f"import runpy, sys\nsys.path.insert(0, {str(REPO)!r})\n"
+        shim += f"runpy.run_path({str(REPO / name)!r}, run_name='__main__')\n"
+        (folder / name).write_text(shim)
+
+
 def save_tiny_opt(path, seed=0, **overrides):
     from transformers import OPTConfig, OPTForCausalLM
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.utils import FullyShardedDataParallelPlugin
-from conftest import save_tiny_opt
+from conftest import copy_launchers, save_tiny_opt
 from distributed_worker import train_and_record
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainingArguments
@@ -163,8 +163,7 @@ def test_evaluation_is_sharded_and_gathered_in_sample_order(two_processes, tiny_
 
 def dry_run(script, env, *args, tmp_path):
     tmp_path.mkdir(exist_ok=True)
-    for launcher in REPO.glob("*.sh"):
-        (tmp_path / launcher.name).write_text(launcher.read_text())
+    copy_launchers(tmp_path)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "torchrun").write_text('#!/usr/bin/env bash\nprintf "%s\\n" torchrun "$@"\n')

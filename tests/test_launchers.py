@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import copy_launchers
 
 import run_lozo
 import tasks
@@ -18,13 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def launch(script, env, *args, tmp_path, base_env=None):
-    # The launchers cd into the repo and write result/ there: run a copy of the repo's scripts instead.
-    for name in ("icl.sh", "lozo.sh", "mezo.sh", "finetune.sh", "launch_common.sh"):
-        (tmp_path / name).write_text((REPO / name).read_text())
-    for name in ("run_lozo.py", "utils.py"):
-        shim = f"import runpy, sys\nsys.path.insert(0, {str(REPO)!r})\n"
-        shim += f"runpy.run_path({str(REPO / name)!r}, run_name='__main__')\n"
-        (tmp_path / name).write_text(shim)
+    copy_launchers(tmp_path)
     full_env = dict(os.environ if base_env is None else base_env, **{k: str(v) for k, v in env.items()})
     return subprocess.run(
         ["bash", str(tmp_path / script), *args], env=full_env, capture_output=True, text=True
