@@ -97,6 +97,13 @@ def stochastic_round(values, dtype, generator):
     return torch.where(away, neighbour, nearest)
 
 
+def hash_into(hasher, tensor):
+    """Feed a tensor's bytes to `hasher`, CHUNK elements at a time (no tensor-sized copy off a GPU)."""
+    flat = tensor.detach().reshape(-1)
+    for start in range(0, flat.numel(), CHUNK):
+        hasher.update(flat[start : start + CHUNK].cpu().view(torch.uint8).numpy())
+
+
 def add_product_(output, left, right):
     """output += left @ right over the last dimension (output (..., b), left (..., k), right (k, b)), fused
     into one addmm_ when the dtypes agree."""
@@ -596,9 +603,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         hasher = hashlib.sha256()
         params = self.model.parameters() if self.model is not None else (p for _, p in self.tensors)
         for p in params:
-            flat = p.detach().reshape(-1)
-            for start in range(0, flat.numel(), CHUNK):
-                hasher.update(flat[start : start + CHUNK].cpu().view(torch.uint8).numpy())
+            hash_into(hasher, p)
         return hasher.hexdigest()
 
     def record(self):
@@ -642,7 +647,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             else:
                 parts = [self.masters.get(i, p.detach())] if p.numel() <= CHUNK else []
             for part in parts:
-                hasher.update(part.detach().contiguous().cpu().view(torch.uint8).numpy())
+                hash_into(hasher, part)
         return hasher.hexdigest()
 
     @torch.no_grad()
@@ -734,6 +739,13 @@ class SaveOnInterruptCallback(TrainerCallback):
 
 STAGING_DIR = ".incomplete"  # <output_dir>/.incomplete/checkpoint-N: a checkpoint being written
 TRAJECTORY_NAME = "zo_trajectory.json"  # a zeroth-order run's steps, in place of weights and optimizer
+
+
+def holds_steps(checkpoint):
+    """Whether a checkpoint folder records steps (--zo_trajectory_checkpoints) instead of weights."""
+    return os.path.isfile(os.path.join(checkpoint, TRAJECTORY_NAME))
+
+
 MODEL_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -1012,7 +1024,7 @@ class LowRankTrainer(Trainer):
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        if not os.path.isfile(os.path.join(resume_from_checkpoint, TRAJECTORY_NAME)):
+        if not holds_steps(resume_from_checkpoint):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         if not self.is_zo:
             raise UsageError(
@@ -1061,7 +1073,7 @@ class LowRankTrainer(Trainer):
         super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, TRAJECTORY_NAME)):
+        if checkpoint is not None and holds_steps(checkpoint):
             self._replay_checkpoint(checkpoint)
         else:
             super()._load_optimizer_and_scheduler(checkpoint)

@@ -39,7 +39,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from LOZOtrainer import TRAJECTORY_NAME, checkpoint_problem, last_complete_checkpoint  # noqa: E402
+from LOZOtrainer import checkpoint_problem, holds_steps, last_complete_checkpoint  # noqa: E402
 from utils import cpu_lacks_fast_matmul, read_result, replace_folder  # noqa: E402
 
 DOCS = REPO / "docs" / "study"
@@ -204,7 +204,7 @@ def keep_unfinished(name, out, attempts):
     staged = UNFINISHED / f".{name}"  # git-ignored
     try:
         checkpoint = last_complete_checkpoint(out)
-        if checkpoint is None or not (Path(checkpoint) / TRAJECTORY_NAME).exists():
+        if checkpoint is None or not holds_steps(checkpoint):
             return  # none yet, or one that holds weights (first-order): too large to commit
         if (UNFINISHED / name / Path(checkpoint).name).is_dir():
             return  # kept already

@@ -12,6 +12,7 @@ import pytest
 
 import run_lozo
 import tasks
+from LOZOtrainer import TRAJECTORY_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -175,7 +176,7 @@ def test_a_run_that_exits_0_without_a_result_is_kept_not_cleaned_up(
     with pytest.raises(SystemExit, match=f"{name} stopped unfinished \\(exit 0\\)"):
         study.run_one(name, argv, argparse.Namespace(threads=1))
     assert (out / "checkpoint-2").is_dir()
-    assert (empty_study / "unfinished" / name / "checkpoint-2" / study.TRAJECTORY_NAME).is_file()
+    assert (empty_study / "unfinished" / name / "checkpoint-2" / TRAJECTORY_NAME).is_file()
     assert not (empty_study / "wall_times.json").exists()
 
 
@@ -184,7 +185,7 @@ def test_keeping_replaces_the_older_checkpoint_whole(empty_study, tmp_path):
     for step in (25, 50):
         checkpoint = out / f"checkpoint-{step}"
         checkpoint.mkdir(parents=True)
-        for file in ("trainer_state.json", study.TRAJECTORY_NAME):
+        for file in ("trainer_state.json", TRAJECTORY_NAME):
             (checkpoint / file).write_text("{}")
         (checkpoint / "rng_state.pth").write_bytes(zip_bytes())
         (checkpoint / "scheduler.pt").write_bytes(zip_bytes())
