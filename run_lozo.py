@@ -48,8 +48,8 @@ from utils import (
     UsageError,
     accepts_logits_to_keep,
     classification_features,
-    cpu_lacks_fast_matmul,
     encode_prompt,
+    products_for,
     target_log_probs,
     target_logits,
     target_mask,
@@ -91,8 +91,8 @@ class OurArguments(TrainingArguments):
     # model
     model_name: str = option("facebook/opt-125m", "a hub name or a local folder with config.json")
     model_path: str | None = option(None, "load from this folder, but name results by --model_name")
-    load_float16: bool = option(False, "float16 weights (MeZO's default on GPUs; slow on most CPUs)")
-    load_bfloat16: bool = option(False, "bfloat16 weights (fast on CPUs with avx512_bf16 or AMX)")
+    load_float16: bool = option(False, "float16 weights (MeZO's default on GPUs)")
+    load_bfloat16: bool = option(False, "bfloat16 weights: half the memory of float32, as fast or faster")
     load_int8: bool = option(False, "int8 weights through bitsandbytes (CUDA only; inference)")
     max_length: int = option(2048, "longest prompt in tokens; longer ones lose their first demonstrations")
     no_auto_device: bool = option(False, "do not spread the model over several GPUs (device_map='auto')")
@@ -390,14 +390,14 @@ def result_file_tag(args):
 
 
 def pick_dtype(args):
-    dtype = torch.float16 if args.load_float16 else torch.bfloat16 if args.load_bfloat16 else torch.float32
-    if dtype != torch.float32 and not torch.cuda.is_available() and cpu_lacks_fast_matmul(dtype):
-        logger.warning(
-            "this CPU has no %s matrix instructions: %s runs several times slower than float32 here%s",
-            str(dtype).removeprefix("torch."),
-            str(dtype).removeprefix("torch."),
-            "; --load_bfloat16 is fast on it" if not cpu_lacks_fast_matmul(torch.bfloat16) else "",
-        )
+    return torch.float16 if args.load_float16 else torch.bfloat16 if args.load_bfloat16 else torch.float32
+
+
+def product_dtype(args):
+    """The dtype the run's matrix products are in: its weights', or a --bf16 / --fp16 autocast's."""
+    dtype = pick_dtype(args)
+    if dtype == torch.float32 and (args.bf16 or args.fp16):
+        return torch.bfloat16 if args.bf16 else torch.float16
     return dtype
 
 
@@ -946,7 +946,8 @@ def main(argv=None):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
-        run(args)
+        with products_for(product_dtype(args)):
+            run(args)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
