@@ -9,8 +9,8 @@ TRAIN=${TRAIN:-1000}
 EVAL=${EVAL:-1000}
 STEPS=${STEPS:-20000}
 EVAL_STEPS=${EVAL_STEPS:-4000}
-# Weight dtype: MeZO's fp16 on a GPU; on a CPU bf16 where it has bf16 matrix instructions (AMX,
-# avx512_bf16), else float32 (emulated bf16 is several times slower there; fp16 is slow on most CPUs).
+# Weight dtype: MeZO's fp16 on a GPU; bf16 on a CPU (where the CPU has no bf16 matrix instructions,
+# run_lozo.py multiplies in float32 and rounds to bf16, as fast as float32; fp16 is slow on most CPUs).
 # PRECISION=--load_float16, --load_bfloat16 or "" (float32) chooses.
 if [ -z "${PRECISION+set}" ]; then
     PRECISION=$(python utils.py default-precision)

@@ -4,8 +4,7 @@
 # its training-curve plot. It ends with a summary: what ran, the metrics, every file written.
 #
 #   bash quickstart.sh          the short version (README: measured wall time), in the launchers'
-#                               precision: bf16 on a CPU with bf16 matrix instructions, else float32;
-#                               fp16 on a GPU (python utils.py default-precision)
+#                               precision: bf16 on a CPU, fp16 on a GPU (python utils.py default-precision)
 #   FULL=1 bash quickstart.sh   the README's full-size numbers: float32, all 872 validation samples for
 #                               ICL and LOZO, 300 LOZO steps (README: measured wall time)
 #

@@ -49,6 +49,7 @@ from utils import (
     accepts_logits_to_keep,
     classification_features,
     encode_prompt,
+    needs_float32_products,
     products_for,
     target_log_probs,
     target_logits,
@@ -903,6 +904,7 @@ def finish(args, metrics, output, started, samples, trainer=None, adapter=None):
         "samples": samples,
         "wall_time_s": round(time.time() - started, 1),
         **provenance(),
+        "float32_products": needs_float32_products(product_dtype(args)),  # see utils.Float32Products
         "settings": resolved_settings(args),
     }
     if trainer is not None:

@@ -2,7 +2,7 @@
 
 python utils.py prepare-model smollm2    # the offline model, once
 python utils.py summarize result/quickstart   # results in a folder and the files written there
-python utils.py default-precision     # the launchers' weight dtype flag here (fp16 GPU, bf16 or float32 CPU)
+python utils.py default-precision     # the launchers' weight dtype flag here (fp16 GPU, bf16 CPU)
 """
 
 import contextlib
@@ -430,10 +430,15 @@ def as_float32(tensor, dtype):
     return None if tensor is None else tensor.to(dtype).float()
 
 
+def needs_float32_products(dtype):
+    """Whether `dtype` products run on this machine's CPU, which has no matrix instructions for them."""
+    return dtype in FAST_MATMUL_FLAGS and not torch.cuda.is_available() and cpu_lacks_fast_matmul(dtype)
+
+
 def products_for(dtype):
     """A context computing `dtype` products in float32 where this CPU has no `dtype` matrix instructions
     (and no GPU takes the products); else one that does nothing."""
-    if dtype not in FAST_MATMUL_FLAGS or torch.cuda.is_available() or not cpu_lacks_fast_matmul(dtype):
+    if not needs_float32_products(dtype):
         return contextlib.nullcontext()
     logger.info(
         "this CPU has no %s matrix instructions: %s products run in float32, rounded to %s once "
@@ -444,12 +449,10 @@ def products_for(dtype):
 
 
 def default_precision():
-    """The weight-dtype flag the launchers pass when PRECISION is unset: MeZO's fp16 on a GPU; on a CPU bf16
-    where it has bf16 matrix instructions, else float32 (there bf16 products are emulated: 7.4x slower
-    than float32 on an AVX2-only EPYC)."""
-    if torch.cuda.is_available():
-        return "--load_float16"
-    return "" if cpu_lacks_fast_matmul(torch.bfloat16) else "--load_bfloat16"
+    """The weight-dtype flag the launchers pass when PRECISION is unset: MeZO's fp16 on a GPU, bf16 on a CPU
+    (half float32's memory and as fast or faster: a CPU without bf16 matrix instructions multiplies in
+    float32, see Float32Products)."""
+    return "--load_float16" if torch.cuda.is_available() else "--load_bfloat16"
 
 
 # ---------------------------------------------------------------------------------------------------------

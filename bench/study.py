@@ -34,13 +34,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from LOZOtrainer import checkpoint_problem, holds_steps, last_complete_checkpoint  # noqa: E402
-from utils import cpu_lacks_fast_matmul, read_result, replace_folder  # noqa: E402
+from utils import read_result, replace_folder  # noqa: E402
 
 DOCS = REPO / "docs" / "study"
 RUNS = REPO / "result" / "study"  # run folders: checkpoints while a run is unfinished, and its log
@@ -273,11 +271,6 @@ def wall_time(name, run):
 
 
 def command_run(opts):
-    if cpu_lacks_fast_matmul(torch.bfloat16) and not torch.cuda.is_available() and not opts.slow_cpu:
-        sys.exit(
-            "error: this CPU has no bfloat16 matrix instructions (avx512_bf16 / AMX): the study's bf16 runs "
-            "take 15-30x the wall times in its tables; run it on a CPU that has them, or pass --slow-cpu"
-        )
     (DOCS / "results").mkdir(parents=True, exist_ok=True)
     while True:  # selections finishing make final runs appear: plan again until nothing is left
         pending = [
@@ -422,7 +415,6 @@ def main():
     parser.add_argument("--only", default="", help="only the runs whose name contains this text")
     parser.add_argument("--skip", default="", help="not the runs whose name contains this text")
     parser.add_argument("--threads", type=int, default=0, help="torch threads of each run (0: its default)")
-    parser.add_argument("--slow-cpu", action="store_true", help="run even where bf16 has no fast matmul")
     opts = parser.parse_args()
     {"run": command_run, "list": command_list, "tables": command_tables}[opts.command](opts)
 

@@ -6,6 +6,7 @@ lands there); a few run the script as a subprocess where the exit status and the
 """
 
 import gzip
+import json
 import logging
 import os
 import re
@@ -578,24 +579,34 @@ HALF_FLAGS = [("--load_bfloat16", torch.bfloat16), ("--load_float16", torch.floa
 
 @pytest.mark.parametrize(("flag", "dtype"), HALF_FLAGS)
 @pytest.mark.parametrize("fast", [True, False])
-def test_half_precision_loads_as_asked_and_warns_once_where_it_is_slow(
-    flag, dtype, fast, cli, caplog, tiny_opt_dir
+def test_half_precision_loads_as_asked_and_multiplies_in_float32_where_the_cpu_has_no_unit_for_it(
+    flag, dtype, fast, cli, caplog, tiny_opt_dir, tmp_path
 ):
-    """No silent float32: the weights are in the asked dtype; a CPU without that dtype's matrix instructions
-    (read from /proc/cpuinfo, simulated here both ways) gets one warning line."""
-    loaded = []
-    original = run_lozo.load_model
+    """No silent float32: the weights are in the asked dtype. On a CPU without that dtype's matrix
+    instructions (read from /proc/cpuinfo, simulated here both ways) the run says so in one line and its
+    products (F.linear) run in float32 (utils.Float32Products; its result says so); else PyTorch's own."""
+    loaded, products = [], []
+    original, multiply = run_lozo.load_model, utils.Float32Products.__torch_function__
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(run_lozo, "load_model", lambda args: loaded.append(original(args)) or loaded[-1])
-        patch.setattr(run_lozo, "cpu_lacks_fast_matmul", lambda wanted: not fast)
-        with caplog.at_level(logging.WARNING):
-            assert cli("--task_name", "SST2", "--model_name", tiny_opt_dir, "--num_eval", 2, flag) == 0
+        patch.setattr(utils, "cpu_lacks_fast_matmul", lambda wanted: not fast)
+        patch.setattr(
+            utils.Float32Products,
+            "__torch_function__",
+            lambda self, func, *rest: products.append(func) or multiply(self, func, *rest),
+        )
+        with caplog.at_level(logging.INFO):
+            result = tmp_path / "result.json"
+            argv = ["--task_name", "SST2", "--model_name", tiny_opt_dir, "--num_eval", 2, flag]
+            assert cli(*argv, "--result_file", result) == 0
     assert {p.dtype for p in loaded[0].parameters()} == {dtype}
-    warnings = [r.getMessage() for r in caplog.records if "matrix instructions" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if "matrix instructions" in r.getMessage()]
     if fast or torch.cuda.is_available():
-        assert warnings == []
+        assert lines == [] and products == []
     else:
-        assert len(warnings) == 1 and str(dtype).removeprefix("torch.") in warnings[0]
+        assert len(lines) == 1 and str(dtype).removeprefix("torch.") in lines[0]
+        assert products.count(torch.nn.functional.linear) > 0
+    assert json.loads(result.read_text())["run"]["float32_products"] == bool(products)
 
 
 def test_cpu_flags_decide_which_half_precision_is_slow(monkeypatch):

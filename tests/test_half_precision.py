@@ -2,18 +2,20 @@
 checkpoints, merges and resume), the low-rank side path computes with exactly the effective weights,
 merges round once and without bias, and updates at the papers' learning rates survive bf16 and fp16."""
 
+import contextlib
 import json
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import LOZOtrainer
 import run_lozo
 from LOZOtrainer import ZOOptimizer, stochastic_round
-from utils import UsageError
+from utils import Float32Products, UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -306,3 +308,85 @@ def test_on_cuda_the_side_path_and_merges_match_the_effective_weights(dtype):
     values = torch.full((4096,), 0.5, device="cuda") + 0.3 * gap  # 30 % of the way to the next value
     rounded = stochastic_round(values, dtype, torch.Generator(device="cuda").manual_seed(0)).float()
     assert abs((rounded > 0.5).float().mean().item() - 0.3) < 0.05  # 7 standard errors
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Half-precision products on CPUs without half matrix instructions
+
+
+def ulps(a, b, dtype):
+    """|a − b| in units of the last place of `dtype` at b's magnitude, or at its root mean square where b is
+    smaller (near zero, sums that cancel differ by more units of their own tiny last place)."""
+    magnitude = b.float().abs().clamp_min(b.float().square().mean().sqrt())
+    spacing = torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(magnitude)))
+    return (a.float() - b.float()).abs() / spacing
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float32_products_are_a_float32_product_rounded_once(dtype):
+    """What a half matrix unit computes: the exact float32 product of the half inputs, rounded to half once.
+    PyTorch's own CPU half product agrees on over 99 % of entries and elsewhere by one or two units in the
+    last place at the outputs' scale (its sums run in another order).
+    Float32 products and other functions pass through untouched."""
+    generator = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*shape, generator=generator) for shape in [(4, 32, 576), (1536, 576), (1536,)])
+    x, w, b = x.to(dtype), (w / 24).to(dtype), b.to(dtype)
+    with Float32Products():
+        out = F.linear(x, w, b)
+        out_no_bias = F.linear(x, weight=w)
+        float32_out = F.linear(x.float(), w.float())
+        other = torch.tanh(x)
+    assert out.dtype == dtype
+    assert torch.equal(out, F.linear(x.float(), w.float(), b.float()).to(dtype))
+    assert torch.equal(out_no_bias, F.linear(x.float(), w.float()).to(dtype))
+    assert torch.equal(float32_out, F.linear(x.float(), w.float())) and torch.equal(other, torch.tanh(x))
+    native = F.linear(x, w)  # without a bias, which it may add after rounding the product
+    assert (out_no_bias != native).float().mean() < 0.01 and ulps(out_no_bias, native, dtype).max() <= 2
+
+
+def test_float32_products_under_autocast_round_inputs_as_autocast_does():
+    """First-order fine-tuning with --bf16 (float32 weights, CPU autocast): inputs rounded to bf16, product
+    in float32, output rounded to bf16, as autocast's own product; gradients reach the float32 weights."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 64, generator=generator)
+    weight = torch.randn(32, 64, generator=generator)
+    weights = [weight.clone().requires_grad_() for _ in range(2)]
+    outputs = []
+    for weight, mode in zip(weights, [Float32Products(), contextlib.nullcontext()], strict=True):
+        with mode, torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs.append(F.linear(x, weight))
+        outputs[-1].float().square().sum().backward()
+    emulated, native = outputs
+    assert emulated.dtype == native.dtype == torch.bfloat16
+    rounded = [t.detach().bfloat16().float() for t in (x, weights[0])]
+    assert torch.equal(emulated, F.linear(*rounded).bfloat16())
+    assert ulps(emulated, native, torch.bfloat16).max() <= 1
+    torch.testing.assert_close(weights[0].grad, weights[1].grad, rtol=0.02, atol=0.02)
+
+
+def test_float32_products_compose_with_the_side_path(tiny_llama_dir, monkeypatch):
+    """LOZO's side path (a mode of its own, entered by hooks) hands every F.linear on to the products mode: a
+    bf16 model at θ + εZ makes all its linear products in float32 and gets PyTorch's own logits to bf16
+    accuracy, far closer to each other than to θ's."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).eval()
+    ids = torch.tensor([[2, 100, 2000, 31, 4000, 7], [2, 8, 9, 10, 11, 12]])
+    seen, products = [], Float32Products.__torch_function__
+    monkeypatch.setattr(
+        Float32Products,
+        "__torch_function__",
+        lambda self, func, *rest: seen.append(func) or products(self, func, *rest),
+    )
+    with torch.no_grad():
+        start = model(input_ids=ids).logits.float()
+        groups = [{"params": [p for p in model.parameters() if p.dim() == 2]}]
+        optimizer = ZOOptimizer(groups, lr=0.05, eps=0.05, seed=3, low_rank=True, step_interval=1)
+        optimizer.attach(model)
+        optimizer.begin_step()
+        optimizer.move_to(+1)
+        with Float32Products():
+            emulated = model(input_ids=ids).logits.float()
+        native = model(input_ids=ids).logits.float()
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert seen.count(F.linear) == linears > 0
+    moved, disagreement = (native - start).abs().max(), (emulated - native).abs().max()
+    assert moved > 0.5 and disagreement < 0.05 * moved, (moved, disagreement)

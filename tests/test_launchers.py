@@ -132,7 +132,7 @@ def test_mode_selects_the_parameters_and_mezo_defaults(mode, tiny_opt_dir, data_
         (True, [], "--load_float16"),
         (False, ["avx2", "amx_bf16"], "--load_bfloat16"),
         (False, ["avx512_bf16"], "--load_bfloat16"),
-        (False, ["avx2", "fma"], ""),  # no bf16 matrix instructions: float32
+        (False, ["avx2", "fma"], "--load_bfloat16"),  # no bf16 matrix instructions: float32 products
         (False, None, "--load_bfloat16"),  # flags unreadable: assume a modern CPU
     ],
 )
@@ -150,7 +150,7 @@ def test_default_precision_follows_the_hardware(cuda, flags, expected, monkeypat
             {"--load_float16": "load_float16 = True", "--load_bfloat16": "load_bfloat16 = True"}.get(
                 utils.default_precision()
             ),
-        ),  # MeZO's fp16 needs a GPU; bf16 needs bf16 matrix instructions
+        ),  # MeZO's fp16 on a GPU, bf16 on a CPU
         ("--load_float16", "load_float16 = True"),
         ("", None),  # float32
     ],
