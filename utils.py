@@ -407,7 +407,7 @@ class Float32Products(TorchFunctionMode):
         if func is F.linear:
             inputs, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            dtype = product_dtype(inputs, weight)
+            dtype = linear_half_dtype(inputs, weight)
             if dtype is not None:
                 with torch.autocast("cpu", enabled=False):
                     output = F.linear(*(as_float32(t, dtype) for t in (inputs, weight, bias)))
@@ -415,7 +415,7 @@ class Float32Products(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def product_dtype(inputs, weight):
+def linear_half_dtype(inputs, weight):
     """The half dtype F.linear(inputs, weight) would multiply in on this CPU, or None."""
     if inputs.device.type != "cpu" or not inputs.is_floating_point():
         return None
