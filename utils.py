@@ -421,8 +421,8 @@ def linear_half_dtype(inputs, weight):
         return None
     if torch.is_autocast_enabled("cpu"):
         dtype = torch.get_autocast_dtype("cpu")
-        return dtype if dtype in (torch.bfloat16, torch.float16) else None
-    half = inputs.dtype in (torch.bfloat16, torch.float16) and weight.dtype == inputs.dtype
+        return dtype if dtype in FAST_MATMUL_FLAGS else None
+    half = inputs.dtype in FAST_MATMUL_FLAGS and weight.dtype == inputs.dtype
     return inputs.dtype if half else None
 
 
