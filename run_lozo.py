@@ -16,6 +16,7 @@ import importlib.metadata
 import logging
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -51,6 +52,7 @@ from utils import (
     encode_prompt,
     needs_float32_products,
     products_for,
+    read_result,
     target_log_probs,
     target_logits,
     target_mask,
@@ -86,7 +88,9 @@ class OurArguments(TrainingArguments):
     num_train_sets: int | None = option(None, "several train sets, seeds 0..N-1, one result each")
     train_set_seed: int | None = option(None, "one train set with this seed (it also picks the eval subset)")
     result_file: str | None = option(
-        None, "where the result JSON goes (default: result/<task>-<model>-...json)"
+        None,
+        "where the result JSON goes (default: result/<task>-<model>-...json); it will not replace another "
+        "run's result",
     )
 
     # model
@@ -384,6 +388,59 @@ def result_file_tag(args):
     # Evaluating two saved adapters must not write one result file.
     parts += [f"adapter-{os.path.basename(args.load_adapter.rstrip('/'))}"] if args.load_adapter else []
     return "-".join(parts)
+
+
+def result_paths(args):
+    """The result files this run writes: one per train set (--result_file with several gets -trainset<i>
+    before its extension), or one for in-context learning with a demonstration set per evaluation sample."""
+    if args.train_set_seed is None and args.num_train_sets is None:
+        return [args.result_file or f"result/{result_file_tag(args)}-onetrainpereval.json"]
+    count = 1 if args.train_set_seed is not None else args.num_train_sets
+    if args.result_file and count == 1:
+        return [args.result_file]
+    if args.result_file:
+        stem, extension = os.path.splitext(args.result_file)
+        return [f"{stem}-trainset{set_id}{extension}" for set_id in range(count)]
+    return [f"result/{result_file_tag(args)}-trainset{set_id}.json" for set_id in range(count)]
+
+
+# Settings that change where a run writes, what it logs, and how it checkpoints or evaluates on the way, but
+# not what it computes: two runs that differ only in these may share a result file.
+BOOKKEEPING = re.compile(
+    r"(output_dir|result_file|tag|data_dir|run_name|project|report_to|verbose|disable_tqdm|debug|"
+    r"logging_.*|log_.*|save_.*|hub_.*|trackio_.*|push_to_hub|resume_from_checkpoint|"
+    r"restore_callback_states_from_checkpoint|ignore_data_skip|dataloader_.*|ddp_.*|local_rank|"
+    r"eval_strategy|eval_steps|eval_delay|eval_on_start|per_device_eval_batch_size|eval_accumulation_steps|"
+    r"skip_memory_metrics|torch_empty_cache_steps|zo_trajectory_checkpoints|no_auto_device)"
+)
+
+
+def result_conflict(args, path):
+    """Why writing `path` would lose another run's result (None when it holds none, or this run's own):
+    result names follow MeZO's, which leave the method and its hyperparameters to --tag."""
+    if not os.path.exists(path):
+        return None
+    try:
+        theirs = default_settings() | read_result(path)[1]["settings"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # not a result of this project's
+        return f"{path} holds a result whose settings cannot be read"
+    ours = resolved_settings(args)
+    for settings in (ours, theirs):  # the same model, wherever its folder is
+        settings["model_name"] = settings["model_name"].rstrip("/").split("/")[-1]
+    differing = [k for k in sorted(ours) if ours[k] != theirs.get(k) and not BOOKKEEPING.fullmatch(k)]
+    if not differing:
+        return None
+    shown = ", ".join(f"{k} {theirs.get(k)!r} (here {ours[k]!r})" for k in differing[:3])
+    more = f" and {len(differing) - 3} more" if len(differing) > 3 else ""
+    return f"{path} holds another run's result: {shown}{more}"
+
+
+def refuse_overwriting_other_results(args):
+    if args.no_eval:
+        return
+    for path in result_paths(args):
+        if (problem := result_conflict(args, path)) is not None:
+            raise UsageError(f"{problem}; name this run apart with --tag or --result_file, or move that file")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -805,6 +862,7 @@ def format_arguments(args):
 def run(args):
     started = time.time()
     provenance()  # the commit now, before hours of training in a work tree that may change meanwhile
+    refuse_overwriting_other_results(args)  # before hours of training, not after
     logger.info(
         "arguments%s:\n%s",
         "" if args.verbose else " (those not at their defaults; --verbose: all)",
@@ -825,16 +883,15 @@ def run(args):
         # In-context default: one demonstration set per evaluation sample.
         eval_samples = task.sample_eval_samples(args.num_eval, seed=0)
         metrics = framework.evaluate(train_sets, eval_samples, one_train_set_per_eval_sample=True)
-        output = args.result_file or f"result/{result_file_tag(args)}-onetrainpereval.json"
+        (output,) = result_paths(args)
         samples = {"demonstrations per eval sample": args.num_train, "eval": len(eval_samples)}
         outcomes.append(finish(args, metrics, output, started, samples))
         log_summary(args, outcomes, started)
         return metrics
     metrics = None
-    for set_id, train_set in enumerate(train_sets):
+    for set_id, (train_set, output) in enumerate(zip(train_sets, result_paths(args), strict=True)):
         set_seed = set_id if args.train_set_seed is None else args.train_set_seed
         eval_samples = task.sample_eval_samples(args.num_eval, seed=set_seed)
-        output = args.result_file or f"result/{result_file_tag(args)}-trainset{set_id}.json"
         trainer = adapter = None
         samples = {"train set seed": set_seed, "eval": len(eval_samples)}
         if args.trainer == "none" and not args.linear_probing:

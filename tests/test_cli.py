@@ -434,10 +434,6 @@ def check_error_output(stderr, words):
 def test_bad_input_is_one_error_line(case, cli, capsys, monkeypatch, tmp_path, bad_data, tiny_opt_dir):
     argv, words = bad_input(case, bad_data, tmp_path, tiny_opt_dir)
     if case != "unknown-model":
-
-        def no_model(args):
-            raise AssertionError("the model was loaded before the bad input was rejected")
-
         monkeypatch.setattr(run_lozo, "load_model", no_model)
     assert cli(*argv) == 2
     check_error_output(capsys.readouterr().err, words)
@@ -660,6 +656,74 @@ def test_results_carry_their_run(cli, tmp_path, tiny_opt_dir):
     assert run["wall_time_s"] > 0 and np.isfinite(run["train_loss_last_logged"])
     assert run["log_history"] == str(out / "trainer_state.json") and os.path.isfile(run["log_history"])
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~utils.current_umask()  # not mkstemp's 0600
+
+
+def no_model(args):
+    raise AssertionError("the model was loaded before the run was refused")
+
+
+def test_a_run_never_replaces_another_runs_result(cli, capsys, monkeypatch, tmp_path, tiny_opt_dir):
+    """MeZO's result names leave the method and its hyperparameters to --tag, so a LOZO run after a MeZO one
+    on the same samples names the MeZO run's file: it stops before loading the model instead. The same run
+    again, or one that differs only in where it writes and how it logs, replaces its own result."""
+    base = ["--task_name", "SST2", "--model_name", tiny_opt_dir, "--max_steps", 1, "--num_train", 8]
+    base += [
+        "--num_eval",
+        4,
+        "--train_set_seed",
+        0,
+        "--output_dir",
+        tmp_path / "out",
+        "--save_strategy",
+        "no",
+    ]
+    mezo = [*base, "--trainer", "zo", "--learning_rate", 1e-3]
+    assert cli(*mezo) == 0
+    path = tmp_path / "result/SST2-tiny-opt-sampleeval4-ntrain8-trainset0.json"
+    written = path.read_bytes()
+    refused = {
+        "the method": (["--trainer", "LOZO", "--learning_rate", 1e-3], "trainer 'zo' (here 'LOZO')"),
+        "its learning rate": (
+            ["--trainer", "zo", "--learning_rate", 1e-4],
+            "learning_rate 0.001 (here 0.0001)",
+        ),
+        "the train set": (
+            ["--trainer", "zo", "--learning_rate", 1e-3, "--train_set_seed", 1],
+            "train_set_seed",
+        ),
+    }
+    with monkeypatch.context() as patch:
+        patch.setattr(run_lozo, "load_model", no_model)
+        for differing, (argv, named) in refused.items():
+            assert cli(*base, *argv) == 2, differing
+            check_error_output(capsys.readouterr().err, [str(path.relative_to(tmp_path)), named, "--tag"])
+            assert path.read_bytes() == written, differing
+    assert cli(*base, "--trainer", "LOZO", "--learning_rate", 1e-3, "--tag", "lozo") == 0
+    assert utils.read_result(path)[1]["settings"]["trainer"] == "zo"
+    lozo = tmp_path / "result/SST2-tiny-opt-sampleeval4-ntrain8-lozo-trainset0.json"
+    assert utils.read_result(lozo)[1]["settings"]["trainer"] == "LOZO"
+    assert (
+        cli(*mezo, "--logging_steps", 1, "--output_dir", tmp_path / "elsewhere", "--report_to", "none") == 0
+    )
+    assert utils.read_result(path)[1]["settings"]["logging_steps"] == 1  # its own result, replaced
+
+
+def test_a_result_without_recorded_settings_is_not_replaced(cli, capsys, monkeypatch, tmp_path, tiny_opt_dir):
+    path = tmp_path / "result/SST2-tiny-opt-sampleeval4-onetrainpereval.json"
+    path.parent.mkdir()
+    path.write_text('{"accuracy": 0.688}')  # written before results recorded their run
+    monkeypatch.setattr(run_lozo, "load_model", no_model)
+    assert cli("--task_name", "SST2", "--model_name", tiny_opt_dir, "--num_eval", 4) == 2
+    check_error_output(capsys.readouterr().err, ["settings cannot be read", "--result_file"])
+    assert path.read_text() == '{"accuracy": 0.688}'
+
+
+def test_a_named_result_file_gets_one_name_per_train_set():
+    argv = ["--task_name", "SST2", "--num_train", 4, "--result_file", "out/icl.json"]
+    args = run_lozo.parse_args([str(a) for a in [*argv, "--num_train_sets", 2]])
+    assert run_lozo.result_paths(args) == ["out/icl-trainset0.json", "out/icl-trainset1.json"]
+    args = run_lozo.parse_args([str(a) for a in [*argv, "--train_set_seed", 3]])
+    assert run_lozo.result_paths(args) == ["out/icl.json"]
 
 
 def test_the_commit_is_read_before_the_run_trains(tiny_opt_dir, data_dir, monkeypatch):
