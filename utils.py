@@ -379,12 +379,20 @@ FAST_MATMUL_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16:
 
 
 @functools.cache
-def cpu_flags():
+def cpu_info(field):
+    """A field of the first CPU in /proc/cpuinfo ("flags", "model name"), or None where it cannot be read."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+            return next(
+                (line.split(":", 1)[1].strip() for line in f if line.split(":")[0].strip() == field), None
+            )
     except OSError:
         return None
+
+
+def cpu_flags():
+    flags = cpu_info("flags")
+    return None if flags is None else flags.split()
 
 
 def cpu_lacks_fast_matmul(dtype):

@@ -38,11 +38,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from LOZOtrainer import checkpoint_problem, holds_steps, last_complete_checkpoint  # noqa: E402
-from utils import read_result, replace_folder  # noqa: E402
+from utils import cpu_info, cpu_lacks_fast_matmul, read_result, replace_folder  # noqa: E402
 
 DOCS = REPO / "docs" / "study"
 RUNS = REPO / "result" / "study"  # run folders: checkpoints while a run is unfinished, and its log
 UNFINISHED = DOCS / "unfinished"  # committed copies of unfinished runs' newest step checkpoints
+FLOAT32_PRODUCTS = "float32 products"  # an attempt's machine had no bf16 matrix unit (see machine())
 KEEP_EVERY_S = 60  # how often a running run's newest checkpoint is copied there
 MODEL = REPO / "models" / "SmolLM2-135M"
 TASKS = ("SST2", "RTE", "WIC")
@@ -213,7 +214,8 @@ def keep_unfinished(name, out, attempts):
     except (OSError, shutil.Error):
         return
     # The attempt goes on; if this machine goes away, it ended about now.
-    (staged / "attempts.json").write_text(json.dumps([*attempts[:-1], [attempts[-1][0], time.time()]]) + "\n")
+    running = [attempts[-1][0], time.time(), *attempts[-1][2:]]
+    (staged / "attempts.json").write_text(json.dumps([*attempts[:-1], running]) + "\n")
     replace_folder(str(staged), str(UNFINISHED / name))
 
 
@@ -236,14 +238,26 @@ def restore_unfinished(name, out):
     print(f"{name}: resuming from the committed {kept / checkpoints[0].name}", flush=True)
 
 
+def machine():
+    """What an attempt runs on, to read its wall time by: the GPU, or the CPU and whether it has bf16 matrix
+    instructions (without them run_lozo multiplies in float32, about 3x slower a step than with AMX)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    unit = FLOAT32_PRODUCTS if cpu_lacks_fast_matmul(torch.bfloat16) else "bf16 unit"
+    return f"{cpu_info('model name') or 'CPU'}, {unit}"
+
+
 def begin_attempt(out, log, now):
-    """Start a new attempt in <run>/attempts.json ([[start, end], ...]). An attempt that was killed (the
-    machine went away) never wrote its end: it ended when its log was last written."""
+    """Start a new attempt in <run>/attempts.json ([[start, end, machine], ...]; runs begun before machines
+    were recorded have [start, end]). An attempt that was killed (the machine went away) never wrote its
+    end: it ended when its log was last written."""
     path = out / "attempts.json"
     attempts = json.loads(path.read_text()) if path.exists() else []
     if attempts and attempts[-1][1] is None:
         attempts[-1][1] = log.stat().st_mtime if log.exists() else attempts[-1][0]
-    attempts.append([now, None])
+    attempts.append([now, None, machine()])
     path.write_text(json.dumps(attempts) + "\n")
     return attempts
 
@@ -255,19 +269,23 @@ def record_wall_time(name, attempts, now):
     path = DOCS / "wall_times.json"
     times = json.loads(path.read_text()) if path.exists() else {}
     times[name] = {
-        "seconds": round(sum(end - start for start, end in attempts), 1),
+        "seconds": round(sum(attempt[1] - attempt[0] for attempt in attempts), 1),
         "attempts": len(attempts),
+        "machines": sorted({attempt[2] for attempt in attempts if len(attempt) > 2}),
     }
     path.write_text(json.dumps(times, indent=1, sort_keys=True) + "\n")
 
 
 def wall_time(name, run):
-    """(minutes, attempts) of a finished run: summed over attempts where recorded, else its result's."""
+    """(minutes, attempts, whether any attempt multiplied in float32) of a finished run: summed over its
+    attempts where recorded, else its result's."""
     path = DOCS / "wall_times.json"
     recorded = json.loads(path.read_text()).get(name) if path.exists() else None
+    float32 = run.get("float32_products", False)  # the last attempt's
     if recorded:
-        return recorded["seconds"] / 60, recorded["attempts"]
-    return run.get("wall_time_s", 0) / 60, 1
+        float32 |= any(m.endswith(FLOAT32_PRODUCTS) for m in recorded.get("machines", []))
+        return recorded["seconds"] / 60, recorded["attempts"], float32
+    return run.get("wall_time_s", 0) / 60, 1, float32
 
 
 def command_run(opts):
@@ -333,6 +351,7 @@ def selection_table():
     """Every learning-rate run on seed 0 so far: dev accuracy (what selects), accuracy and wall time."""
     lines = ["| task | method | lr | dev (100) | accuracy (validation) | final training loss | wall time |"]
     lines.append("|---|---|---|---|---|---|---|")
+    marked = False
     for task in TASKS:
         for method in [*ZO_METHODS, "FT"]:
             for lr in grid(method):
@@ -340,13 +359,16 @@ def selection_table():
                 if not path.exists():
                     continue
                 metrics, run = read_result(path)
-                minutes, attempts = wall_time(selection(task, method, lr), run)
+                minutes, attempts, float32 = wall_time(selection(task, method, lr), run)
                 resumed = f" ({attempts} attempts)" if attempts > 1 else ""
+                marked |= float32
                 lines.append(
                     f"| {task} | {method} | {lr:g} | {100 * metrics['dev_accuracy']:.0f} | "
                     f"{100 * metrics['accuracy']:.1f} | {run.get('train_loss_last_logged'):.3f} | "
-                    f"{minutes:.0f} min{resumed} |"
+                    f"{minutes:.0f} min{resumed}{' †' if float32 else ''} |"
                 )
+    if marked:
+        lines += ["", "† made, at least in part, on a CPU without bf16 matrix instructions: float32 products"]
     return lines
 
 

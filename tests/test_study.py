@@ -105,19 +105,24 @@ def test_a_failed_run_keeps_its_output_in_a_log_and_stops_the_study(empty_study,
     assert not (empty_study / "results" / "broken.json").exists()
 
 
-def test_wall_time_sums_the_attempts_of_a_resumed_run(empty_study, tmp_path, capsys):
+def test_wall_time_sums_the_attempts_of_a_resumed_run(empty_study, tmp_path, capsys, monkeypatch):
     """A run killed after its log was last written at t=130 and resumed at t=500 that finishes at t=560
-    took 30 + 60 s: the time between attempts is not counted, the killed attempt's is."""
+    took 30 + 60 s: the time between attempts is not counted, the killed attempt's is. Each attempt says
+    what it ran on; a run made partly without a bf16 matrix unit (float32 products) is marked."""
     import os
 
     out, log = tmp_path / "runs" / "select-SST2-MeZO-lr1e-05", tmp_path / "runs" / "run.log"
     out.mkdir(parents=True)
+    machines = iter(["Intel Xeon, bf16 unit", "AMD EPYC, float32 products"])
+    monkeypatch.setattr(study, "machine", lambda: next(machines))
     study.begin_attempt(out, log, 100.0)
     log.write_text("step 1\n")
     os.utime(log, (130.0, 130.0))
     attempts = study.begin_attempt(out, log, 500.0)
-    assert attempts == [[100.0, 130.0], [500.0, None]]
+    assert attempts == [[100.0, 130.0, "Intel Xeon, bf16 unit"], [500.0, None, "AMD EPYC, float32 products"]]
     study.record_wall_time("select-SST2-MeZO-lr1e-05", attempts, 560.0)
+    recorded = json.loads((empty_study / "wall_times.json").read_text())["select-SST2-MeZO-lr1e-05"]
+    assert recorded["machines"] == ["AMD EPYC, float32 products", "Intel Xeon, bf16 unit"]
     result = {
         "accuracy": 0.5,
         "dev_accuracy": 0.7,
@@ -126,7 +131,32 @@ def test_wall_time_sums_the_attempts_of_a_resumed_run(empty_study, tmp_path, cap
     (empty_study / "results" / "select-SST2-MeZO-lr1e-05.json").write_text(json.dumps(result))
     study.command_tables(None)
     assert "| SST2 | MeZO | 1e-05 | 70 | 50.0 | " in (printed := capsys.readouterr().out)
-    assert "| 2 min (2 attempts) |" in printed  # 90 s, rounded
+    assert "| 2 min (2 attempts) † |" in printed  # 90 s, rounded
+    assert "† made, at least in part, on a CPU without bf16 matrix instructions" in printed
+
+
+def test_a_run_is_marked_by_its_result_where_its_attempts_name_no_machine(empty_study, capsys):
+    """Runs begun before attempts recorded machines: the result's float32_products (its last attempt)."""
+    times = {"select-RTE-LOZO-lr1e-05": {"seconds": 600.0, "attempts": 1}}
+    (empty_study / "wall_times.json").write_text(json.dumps(times))
+    for name, float32 in [("select-RTE-LOZO-lr1e-05", False), ("select-WIC-LOZO-lr1e-05", True)]:
+        run = {"wall_time_s": 600.0, "train_loss_last_logged": 0.6, "float32_products": float32}
+        result = {"accuracy": 0.5, "dev_accuracy": 0.7, "run": run}
+        (empty_study / "results" / f"{name}.json").write_text(json.dumps(result))
+    study.command_tables(None)
+    printed = capsys.readouterr().out
+    assert "| RTE | LOZO | 1e-05 | 70 | 50.0 | 0.600 | 10 min |" in printed
+    assert "| WIC | LOZO | 1e-05 | 70 | 50.0 | 0.600 | 10 min † |" in printed
+
+
+def test_the_machine_names_the_cpu_and_its_bf16_unit(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for lacks, said in [(True, "float32 products"), (False, "bf16 unit")]:
+        monkeypatch.setattr(study, "cpu_lacks_fast_matmul", lambda dtype, lacks=lacks: lacks)
+        name, _, unit = study.machine().rpartition(", ")
+        assert unit == said and name
 
 
 def test_an_unfinished_run_committed_on_one_machine_resumes_on_another(
@@ -189,11 +219,12 @@ def test_keeping_replaces_the_older_checkpoint_whole(empty_study, tmp_path):
             (checkpoint / file).write_text("{}")
         (checkpoint / "rng_state.pth").write_bytes(zip_bytes())
         (checkpoint / "scheduler.pt").write_bytes(zip_bytes())
-        study.keep_unfinished("run", out, [[10.0, 20.0], [30.0, None]])
+        study.keep_unfinished("run", out, [[10.0, 20.0], [30.0, None, "AMD EPYC, float32 products"]])
         kept = empty_study / "unfinished" / "run"
         assert [p.name for p in kept.glob("checkpoint-*")] == [f"checkpoint-{step}"]
         attempts = json.loads((kept / "attempts.json").read_text())
         assert attempts[0] == [10.0, 20.0] and attempts[1][1] > 30.0  # the running attempt: ended by now
+        assert attempts[1][2] == "AMD EPYC, float32 products"  # and its machine is kept
     assert not list(empty_study.glob("unfinished/.*"))  # no staging folder left behind
 
 
