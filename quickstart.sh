@@ -10,7 +10,8 @@
 #
 # Settings from the environment: EVAL (zero-shot and final evaluation samples), ICL_EVAL (ICL samples),
 # STEPS (LOZO steps), PRECISION (--load_bfloat16, --load_float16 or "" for float32), DATA (data folder),
-# OUT (output folder, default result/quickstart, or result/quickstart-full with FULL=1).
+# OUT (output folder, default result/quickstart, or result/quickstart-full with FULL=1). Other settings
+# need another OUT: run_lozo.py stops rather than replace a result that other settings made.
 set -euo pipefail
 cd "$(dirname "$0")"
 started=$SECONDS
