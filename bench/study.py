@@ -4,7 +4,8 @@
     python bench/study.py run --only RTE   # the runs whose name contains RTE
     python bench/study.py run --only MeZO --threads 1 & python bench/study.py run --skip MeZO --threads 1
                                            # two workers side by side (MeZO's Gaussian draws use one core)
-    python bench/study.py list             # the runs, done or not, with their commands (--dry-run style)
+    python bench/study.py list             # the runs, done or not (and an unfinished run's kept step),
+                                           # with their commands (--dry-run style), and how many are done
     python bench/study.py tables           # the README's table and figure, from docs/study/ alone
 
 MeZO's protocol: 1,000 training and 100 dev samples drawn with train-set seed 0, 1, 2; accuracy on the
@@ -304,11 +305,31 @@ def wanted(name, opts):
 
 
 def command_list(opts):
+    """Every planned run, done or to do (with the step an unfinished one is kept at), then the count."""
+    done = 0
     for name, argv in runs():
+        alias = isinstance(argv, str)  # seed 0's final run is its selection run: done with it
+        finished = (DOCS / "results" / f"{argv if alias else name}.json").exists()
+        done += finished and not alias
         if wanted(name, opts):
-            done = "done" if (DOCS / "results" / f"{name}.json").exists() else "todo"
+            step = kept_step(name)
+            state = "done" if finished else f"todo (step {step} kept)" if step else "todo"
             shown = argv if isinstance(argv, str) else " ".join(argv)
-            print(f"{done}  {name}: {shown}")
+            print(f"{state}  {name}: {shown}")
+    print(f"{done} of {study_size()} runs done")
+
+
+def kept_step(name):
+    """The step of an unfinished run's committed checkpoint, or None."""
+    checkpoints = list((UNFINISHED / name).glob("checkpoint-*"))
+    return int(checkpoints[0].name.split("-")[-1]) if checkpoints else None
+
+
+def study_size():
+    """Runs in the whole study, final runs included before their rates are chosen: per task zero-shot,
+    ICL per seed, every grid rate on seed 0, and each method on the seeds after 0."""
+    selections = len(ZO_METHODS) * len(LR_GRID) + len(FT_LRS)
+    return len(TASKS) * (1 + len(SEEDS) + selections + (len(ZO_METHODS) + 1) * (len(SEEDS) - 1))
 
 
 # ---- tables and figure from docs/study/ ----

@@ -53,6 +53,23 @@ def test_every_planned_command_is_accepted(empty_study, tmp_path, monkeypatch):
             assert args.train_set_seed in study.SEEDS and args.num_train == 1000 and args.num_dev == 100
 
 
+def test_the_list_counts_finished_runs_and_shows_where_unfinished_ones_stand(empty_study, capsys):
+    """69 runs in all (3 tasks x (zero-shot, 3 ICL, 9 + 2 grid rates, 4 methods x 2 more seeds)); seed 0's
+    final run is its selection run and is not counted twice."""
+    assert study.study_size() == 69
+    for lr in study.LR_GRID:
+        write_result(empty_study, study.selection("RTE", "LOZO", lr), dev=0.6)
+    write_result(empty_study, "zero-shot-RTE", dev=None)
+    (empty_study / "unfinished" / "select-RTE-MeZO-lr5e-06" / "checkpoint-425").mkdir(parents=True)
+    study.command_list(argparse.Namespace(only="RTE", skip=""))
+    lines = capsys.readouterr().out.splitlines()
+    states = {line.split(": ")[0].split("  ")[-1]: line.split("  ")[0] for line in lines[:-1]}
+    assert states["select-RTE-LOZO-lr1e-05"] == states["LOZO-RTE-seed0"] == "done"
+    assert states["select-RTE-MeZO-lr5e-06"] == "todo (step 425 kept)"
+    assert states["LOZO-RTE-seed1"] == states["icl-RTE-seed0"] == "todo"
+    assert lines[-1] == "4 of 69 runs done"
+
+
 def test_zeroth_order_methods_get_the_same_forward_passes_and_grid(empty_study):
     steps = {}
     for name, argv in study.runs():
