@@ -228,7 +228,7 @@ def restore_unfinished(name, out):
     if not checkpoints:
         return
     here = last_complete_checkpoint(out)
-    if here is not None and int(Path(here).name.split("-")[-1]) >= int(checkpoints[0].name.split("-")[-1]):
+    if here is not None and checkpoint_step(here) >= checkpoint_step(checkpoints[0]):
         return
     out.mkdir(parents=True, exist_ok=True)
     staged = out / f".{checkpoints[0].name}"
@@ -314,7 +314,7 @@ def command_list(opts):
         if wanted(name, opts):
             step = kept_step(name)
             state = "done" if finished else f"todo (step {step} kept)" if step else "todo"
-            shown = argv if isinstance(argv, str) else " ".join(argv)
+            shown = argv if alias else " ".join(argv)
             print(f"{state}  {name}: {shown}")
     print(f"{done} of {study_size()} runs done")
 
@@ -322,7 +322,11 @@ def command_list(opts):
 def kept_step(name):
     """The step of an unfinished run's committed checkpoint, or None."""
     checkpoints = list((UNFINISHED / name).glob("checkpoint-*"))
-    return int(checkpoints[0].name.split("-")[-1]) if checkpoints else None
+    return checkpoint_step(checkpoints[0]) if checkpoints else None
+
+
+def checkpoint_step(checkpoint):
+    return int(Path(checkpoint).name.split("-")[-1])
 
 
 def study_size():

@@ -667,30 +667,17 @@ def test_a_run_never_replaces_another_runs_result(cli, capsys, monkeypatch, tmp_
     on the same samples names the MeZO run's file: it stops before loading the model instead. The same run
     again, or one that differs only in where it writes and how it logs, replaces its own result."""
     base = ["--task_name", "SST2", "--model_name", tiny_opt_dir, "--max_steps", 1, "--num_train", 8]
-    base += [
-        "--num_eval",
-        4,
-        "--train_set_seed",
-        0,
-        "--output_dir",
-        tmp_path / "out",
-        "--save_strategy",
-        "no",
-    ]
-    mezo = [*base, "--trainer", "zo", "--learning_rate", 1e-3]
+    base += ["--num_eval", 4, "--train_set_seed", 0, "--output_dir", tmp_path / "out"]
+    base += ["--save_strategy", "no"]
+    zo = ["--trainer", "zo", "--learning_rate", 1e-3]
+    mezo = [*base, *zo]
     assert cli(*mezo) == 0
     path = tmp_path / "result/SST2-tiny-opt-sampleeval4-ntrain8-trainset0.json"
     written = path.read_bytes()
     refused = {
         "the method": (["--trainer", "LOZO", "--learning_rate", 1e-3], "trainer 'zo' (here 'LOZO')"),
-        "its learning rate": (
-            ["--trainer", "zo", "--learning_rate", 1e-4],
-            "learning_rate 0.001 (here 0.0001)",
-        ),
-        "the train set": (
-            ["--trainer", "zo", "--learning_rate", 1e-3, "--train_set_seed", 1],
-            "train_set_seed",
-        ),
+        "its learning rate": ([*zo, "--learning_rate", 1e-4], "learning_rate 0.001 (here 0.0001)"),
+        "the train set": ([*zo, "--train_set_seed", 1], "train_set_seed 0 (here 1)"),
     }
     with monkeypatch.context() as patch:
         patch.setattr(run_lozo, "load_model", no_model)
