@@ -51,6 +51,7 @@ from utils import (
     classification_features,
     encode_prompt,
     needs_float32_products,
+    option_scores,
     products_for,
     read_result,
     target_log_probs,
@@ -638,21 +639,58 @@ class Framework:
             scores = [(lp.sum() - cal.sum()).item() for lp, cal in zip(log_probs, calibration, strict=True)]
         else:
             scores = [lp.mean().item() for lp in log_probs]
+        return self.best_candidate(sample, scores)
+
+    def best_candidate(self, sample, scores):
         if self.args.verbose:
             logger.info(
                 "candidates %s scores %s gold %r", sample.candidates, scores, sample.correct_candidate
             )
         return Prediction(correct_index(sample), int(np.argmax(scores)))
 
+    @torch.no_grad()
+    def batch_scores(self, pairs):
+        """Each candidate's score for several (demos, sample) pairs from one forward of all their candidates,
+        batched as training batches are: one row per sample when every option is one token, rows packed."""
+        self.model.eval()
+        features = [classification_features(*self.encode(demos, sample), 0) for demos, sample in pairs]
+        batch = DataCollatorWithPaddingAndNesting(self.tokenizer.pad_token_id)(features)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        mask = target_mask(batch["input_ids"], batch["attention_mask"], batch["option_len"], -1)
+        logits = target_logits(self.model, batch, mask, pack=self.args.padding_free)
+        scores = option_scores(logits, batch, mask)[0].cpu()
+        return [row[: len(sample.candidates)] for (_, sample), row in zip(pairs, scores, strict=True)]
+
+    def batch_pred(self, pairs):
+        scores = self.batch_scores(pairs)
+        return [
+            self.best_candidate(sample, row.tolist()) for (_, sample), row in zip(pairs, scores, strict=True)
+        ]
+
+    def samples_per_forward(self, shared_demos):
+        """--per_device_eval_batch_size samples per forward where the score is the plain mean log-prob;
+        one at a time (MeZO's way) for generation, calibration (--sfc, --icl_sfc), and demonstrations shared
+        by all samples, whose prompt the KV cache then runs once for them all (see prompt_cache)."""
+        args = self.args
+        if self.task.generation or args.sfc or args.icl_sfc or shared_demos:
+            return 1
+        return max(1, args.per_device_eval_batch_size)
+
     def evaluate(self, train_samples, eval_samples, one_train_set_per_eval_sample=False, desc="eval"):
         rank, shards = self.eval_shard()
+        pairs = [
+            (train_samples[i] if one_train_set_per_eval_sample else train_samples, eval_samples[i])
+            for i in range(rank, len(eval_samples), shards)
+        ]
+        size = self.samples_per_forward(bool(train_samples) and not one_train_set_per_eval_sample)
         predictions = []
-        indices = range(rank, len(eval_samples), shards)
         self.kept_prompt = None
         try:
-            for i in tqdm(indices, desc=desc, disable=not eval_samples or rank > 0):
-                demos = train_samples[i] if one_train_set_per_eval_sample else train_samples
-                predictions.append(self.one_step_pred(demos, eval_samples[i]))
+            with tqdm(total=len(pairs), desc=desc, disable=not eval_samples or rank > 0) as progress:
+                for start in range(0, len(pairs), size):
+                    chunk = pairs[start : start + size]
+                    predictions += self.batch_pred(chunk) if size > 1 else [self.one_step_pred(*chunk[0])]
+                    progress.update(len(chunk))
         finally:
             self.kept_prompt = None  # its keys and values belong to these weights (and free its memory)
         if shards > 1:

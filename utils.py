@@ -340,27 +340,32 @@ def option_loss(logits, batch, pad_token_id, reduction="mean", mask=None):
     data-parallel ranks) can be combined into exactly the loss of the whole batch."""
     if mask is None:
         mask = target_mask(batch["input_ids"], batch["attention_mask"], batch.get("option_len"), pad_token_id)
-    if "candidate_ids" in batch:  # one row per sample, one target per row: its prompt's last position
-        rows, positions = mask.nonzero(as_tuple=True)
-        candidates = batch["candidate_ids"][rows]
-        scores = target_log_softmax(logits, rows, positions).gather(-1, candidates.clamp(min=0))
-        scores = scores.masked_fill(candidates < 0, float("-inf"))
-        total = F.cross_entropy(scores, batch["labels"][rows], reduction="sum")
-        return (total, len(rows)) if reduction == "sum" else total / len(rows)
-    rows, token_log_probs = target_log_probs(logits, batch["input_ids"], mask)
-    if "num_options" in batch:
-        per_row = torch.zeros(len(mask), dtype=token_log_probs.dtype, device=mask.device)
-        scores = per_row.index_add_(0, rows, token_log_probs) / mask.sum(-1)
-        losses, start = [], 0
-        for num in _group_sizes(batch["num_options"]):
-            losses.append(F.cross_entropy(scores[start : start + num], batch["labels"][start]))
-            start += num
-        total, count = torch.stack(losses).sum(), len(losses)
+    if "candidate_ids" in batch or "num_options" in batch:
+        scores, rows = option_scores(logits, batch, mask)
+        total, count = F.cross_entropy(scores, batch["labels"][rows], reduction="sum"), len(rows)
     else:
+        _, token_log_probs = target_log_probs(logits, batch["input_ids"], mask)
         total, count = -token_log_probs.sum(), int(mask.sum())
     if reduction == "sum":
         return total, count
     return total / count
+
+
+def option_scores(logits, batch, mask):
+    """MeZO's score of every candidate of a classification batch, the mean log-probability of its option
+    tokens: (scores (samples, most candidates), -inf where a sample has fewer; each sample's first row)."""
+    if "candidate_ids" in batch:  # one row per sample, one target per row: its prompt's last position
+        rows, positions = mask.nonzero(as_tuple=True)
+        candidates = batch["candidate_ids"][rows]
+        scores = target_log_softmax(logits, rows, positions).gather(-1, candidates.clamp(min=0))
+        return scores.masked_fill(candidates < 0, float("-inf")), rows
+    rows, token_log_probs = target_log_probs(logits, batch["input_ids"], mask)
+    per_row = torch.zeros(len(mask), dtype=token_log_probs.dtype, device=mask.device)
+    per_row = per_row.index_add_(0, rows, token_log_probs) / mask.sum(-1)
+    sizes = _group_sizes(batch["num_options"])
+    groups = per_row.split(sizes)
+    firsts = torch.tensor([0, *sizes[:-1]], device=mask.device).cumsum(0)
+    return torch.nn.utils.rnn.pad_sequence(groups, batch_first=True, padding_value=float("-inf")), firsts
 
 
 def _group_sizes(num_options):

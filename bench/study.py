@@ -68,8 +68,10 @@ SAVE_EVERY = {"LOZO": 25, "LOZO-M": 25, "MeZO": 25, "FT": 125}
 
 
 def common(task, seed, precision="--load_bfloat16"):
+    # Evaluation one sample at a time, as MeZO and the study's first runs evaluated: batched scoring
+    # (run_lozo's default) computes the same scores but rounds differently in bf16: it can flip a near tie.
     return [
-        "--task_name", task, "--model_name", str(MODEL), precision,
+        "--task_name", task, "--model_name", str(MODEL), precision, "--per_device_eval_batch_size", "1",
         "--data_dir", os.environ.get("LOZO_DATA_DIR", str(REPO.parent / "shared" / "data")),
         "--train_set_seed", str(seed),
     ]  # fmt: skip

@@ -124,8 +124,8 @@ def train_and_record(argv, out, interrupt_rank=None):
     recorder, kept, counts, predictions = Recorder(), {}, {}, []
     RECORDER[0] = recorder
     originals = {name: getattr(run_lozo, name) for name in ("write_metrics_to_file", "calculate_metric")}
-    original_predict = run_lozo.Framework.one_step_pred
-    run_lozo.Framework.one_step_pred = counting(counts, "predicted", original_predict)
+    original_predict = run_lozo.Framework.best_candidate  # once a classified sample, batched or not
+    run_lozo.Framework.best_candidate = counting(counts, "predicted", original_predict)
     run_lozo.write_metrics_to_file = counting(counts, "results_written", originals["write_metrics_to_file"])
 
     def calculate_metric(found, metric):
@@ -155,7 +155,7 @@ def train_and_record(argv, out, interrupt_rank=None):
     try:
         code = run_lozo.main(argv)
     finally:
-        run_lozo.Framework.train, run_lozo.Framework.one_step_pred = original_train, original_predict
+        run_lozo.Framework.train, run_lozo.Framework.best_candidate = original_train, original_predict
         for name, function in originals.items():
             setattr(run_lozo, name, function)
     rank = int(os.environ.get("RANK", "0"))

@@ -53,16 +53,25 @@ def cli(tmp_path, monkeypatch, data_dir):
 
 @pytest.fixture
 def predictions(monkeypatch):
-    """Records every Framework.one_step_pred call as (demo ids, eval sample id, Prediction)."""
+    """Records every prediction, one at a time (Framework.one_step_pred) or batched (batch_pred), as (demo
+    ids, eval sample id, Prediction)."""
     calls = []
-    original = run_lozo.Framework.one_step_pred
+    one_at_a_time, batched = run_lozo.Framework.one_step_pred, run_lozo.Framework.batch_pred
 
-    def spy(self, demos, sample):
-        prediction = original(self, demos, sample)
-        calls.append(([demo.id for demo in demos], sample.id, prediction))
-        return prediction
+    def record(pairs, found):
+        calls.extend(
+            ([d.id for d in demos], sample.id, p) for (demos, sample), p in zip(pairs, found, strict=True)
+        )
+        return found
 
-    monkeypatch.setattr(run_lozo.Framework, "one_step_pred", spy)
+    monkeypatch.setattr(
+        run_lozo.Framework,
+        "one_step_pred",
+        lambda self, *pair: record([pair], [one_at_a_time(self, *pair)])[0],
+    )
+    monkeypatch.setattr(
+        run_lozo.Framework, "batch_pred", lambda self, pairs: record(pairs, batched(self, pairs))
+    )
     return calls
 
 
@@ -262,6 +271,57 @@ def test_smollm2_icl_scoring_picks_the_best_mean_option_log_prob(smollm2_dir, da
         assert prediction.correct_candidate == sample.candidates.index(sample.correct_candidate)
         picked.add(prediction.predicted_candidate)
     assert picked == {0, 1}
+
+
+@pytest.mark.parametrize("task_name", ["WIC", "Copa"])
+def test_smollm2_batched_scoring_gives_the_scores_of_one_sample_at_a_time(
+    task_name, smollm2_dir, data_dir, tmp_path
+):
+    """--per_device_eval_batch_size 4: four samples a forward, zero-shot and with a demonstration set each
+    (MeZO's ICL), each candidate scored as one sample at a time scores it (float32). WiC's options are one
+    token (one packed row a sample), Copa's several (a row a candidate)."""
+    argv = ["--task_name", task_name, "--model_name", str(smollm2_dir), "--data_dir", str(data_dir)]
+    args = run_lozo.parse_args([*argv, "--per_device_eval_batch_size", "4", "--output_dir", str(tmp_path)])
+    task = tasks.get_task(args.task_name, args.data_dir)
+    framework = run_lozo.Framework(args, task)
+    samples = task.valid_samples[:8]
+    demo_sets = [[]] * 4 + [task.sample_subset("train", seed=seed, num=2) for seed in range(4)]
+    pairs = list(zip(demo_sets, samples, strict=True))
+    expected = [
+        [lp.mean().item() for lp in framework.option_log_probs(*framework.encode(*pair))] for pair in pairs
+    ]
+    forwards = []
+    framework.model.register_forward_pre_hook(
+        lambda module, args, kwargs: forwards.append(1), with_kwargs=True
+    )
+    scored = framework.batch_scores(pairs[:4]) + framework.batch_scores(pairs[4:])
+    assert len(forwards) == 2
+    for got, want in zip(scored, expected, strict=True):
+        assert got.tolist() == pytest.approx(want, abs=1e-4)
+
+    gold = [run_lozo.correct_index(sample) for sample in samples]
+    accuracy = np.mean([np.argmax(s) == g for s, g in zip(expected, gold, strict=True)])
+    assert 0 < accuracy < 1  # the comparison below can tell right from wrong predictions
+    assert framework.evaluate(demo_sets, samples, one_train_set_per_eval_sample=True)["accuracy"] == accuracy
+    assert len(forwards) == 4
+
+
+def test_batching_only_where_the_score_is_the_plain_mean_log_prob(tiny_opt_dir, data_dir, tmp_path):
+    """Generation, calibrated scores and a demonstration set shared by all samples (whose prompt the KV
+    cache runs once) evaluate one sample at a time; the rest --per_device_eval_batch_size at a time."""
+
+    def framework(*extra, task_name="SST2"):
+        argv = ["--task_name", task_name, "--model_name", str(tiny_opt_dir), "--data_dir", str(data_dir)]
+        args = run_lozo.parse_args([*argv, *extra, "--output_dir", str(tmp_path)])
+        return run_lozo.Framework(args, tasks.get_task(task_name, str(data_dir)))
+
+    plain = framework()
+    assert plain.samples_per_forward(shared_demos=False) == 8  # HF's default --per_device_eval_batch_size
+    assert plain.samples_per_forward(shared_demos=True) == 1
+    assert framework("--per_device_eval_batch_size", "1").samples_per_forward(shared_demos=False) == 1
+    assert framework("--sfc").samples_per_forward(shared_demos=False) == 1
+    assert framework("--icl_sfc").samples_per_forward(shared_demos=False) == 1
+    assert framework(task_name="SQuAD").samples_per_forward(shared_demos=False) == 1
 
 
 def test_smollm2_icl_runs_the_shared_demonstrations_once(smollm2_dir, data_dir, tmp_path):

@@ -48,6 +48,7 @@ def test_every_planned_command_is_accepted(empty_study, tmp_path, monkeypatch):
             continue
         args = run_lozo.parse_args([*argv, "--output_dir", str(tmp_path / name)])
         assert args.task_name in study.TASKS
+        assert args.per_device_eval_batch_size == 1  # as the first runs evaluated
         if name.startswith(("select-", "LOZO", "MeZO", "FT")):
             assert args.resume_from_checkpoint == "last" and args.save_on_interrupt
             assert args.train_set_seed in study.SEEDS and args.num_train == 1000 and args.num_dev == 100
