@@ -8,7 +8,7 @@ training batch is, one packed row per sample when every option is one token), on
 Per task: seconds per sample each way, timed in alternation chunk by chunk (so a shared machine's load
 slows both alike), and how far the two ways' scores are apart in this dtype (the same function: only the
 rounding of differently shaped products differs), with the samples whose prediction differs. Writes
-result/bench/eval_batch-<dtype>.json.
+--out (default result/bench/eval_batch-<dtype>.json).
 """
 
 import argparse
@@ -62,6 +62,7 @@ def main():
     parser.add_argument("--batch", type=int, default=8, help="samples per batched forward")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: its default)")
     parser.add_argument("--data_dir", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--out", help="report path (default: result/bench/eval_batch-<dtype>.json)")
     opts = parser.parse_args()
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -100,7 +101,7 @@ def main():
             "predictions_differing": flips,
         }
         print(name, json.dumps(report[name]), flush=True)
-    out = REPO / "result" / "bench" / f"eval_batch-{opts.dtype}.json"
+    out = Path(opts.out or REPO / "result" / "bench" / f"eval_batch-{opts.dtype}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print("written", out)

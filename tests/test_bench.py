@@ -68,3 +68,21 @@ def test_replay_benchmark_replays_each_method_bit_for_bit(tiny_opt_dir, tmp_path
     for name, method in report["methods"].items():
         assert method["bit_identical"] and method["replay_s"] > 0 and method["record_bytes"] > 0, name
     assert report["methods"]["LOZO"]["steps"] == 120 and report["methods"]["MeZO"]["steps"] == 3
+
+
+def test_evaluation_batch_benchmark_compares_the_two_ways_on_real_samples(tiny_opt_dir, data_dir, tmp_path):
+    """In float32 the batched scores are the one-at-a-time ones up to the order of sums: no prediction
+    differs. SST-2's options are one token (one row a sample), Copa's several (a row a candidate)."""
+    out = tmp_path / "eval_batch.json"
+    command = [sys.executable, str(REPO / "bench" / "eval_batch.py"), "--model", str(tiny_opt_dir)]
+    command += ["--dtype", "float32", "--tasks", "SST2", "Copa", "--samples", "6", "--batch", "4"]
+    command += ["--threads", "1", "--data_dir", str(data_dir), "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["batch"] == 4 and report["float32_products"] is False
+    for task in ("SST2", "Copa"):
+        found = report[task]
+        assert found["samples"] == 6 and found["predictions_differing"] == []
+        assert found["largest_score_difference"] < 1e-4
+        assert found["seconds_per_sample_one_at_a_time"] > 0 and found["seconds_per_sample_batched"] > 0
