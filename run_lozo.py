@@ -631,15 +631,18 @@ class Framework:
             if self.args.verbose:
                 logger.info("generated %r, gold %r", answer, sample.correct_candidate)
             return Prediction(sample.correct_candidate, answer)
+        return self.best_candidate(sample, self.one_sample_scores(demos, sample))
+
+    def one_sample_scores(self, demos, sample):
+        """Each candidate's score, the sample alone: mean option log-prob, or with --sfc / --icl_sfc the
+        calibrated sum."""
         log_probs = self.option_log_probs(*self.encode(demos, sample))
         if self.args.sfc or self.args.icl_sfc:
             calibration = self.option_log_probs(
                 *self.encode(demos, sample, sfc=self.args.sfc, icl_sfc=self.args.icl_sfc)
             )
-            scores = [(lp.sum() - cal.sum()).item() for lp, cal in zip(log_probs, calibration, strict=True)]
-        else:
-            scores = [lp.mean().item() for lp in log_probs]
-        return self.best_candidate(sample, scores)
+            return [(lp.sum() - cal.sum()).item() for lp, cal in zip(log_probs, calibration, strict=True)]
+        return [lp.mean().item() for lp in log_probs]
 
     def best_candidate(self, sample, scores):
         if self.args.verbose:

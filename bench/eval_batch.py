@@ -36,10 +36,7 @@ def compare(framework, samples, batch):
     for start in range(0, len(samples), batch):
         pairs = [([], sample) for sample in samples[start : start + batch]]
         began = time.perf_counter()
-        single = [
-            torch.tensor([lp.mean() for lp in framework.option_log_probs(*framework.encode([], s))])
-            for _, s in pairs
-        ]
+        single = [torch.tensor(framework.one_sample_scores(*pair)) for pair in pairs]
         one_time += time.perf_counter() - began
         began = time.perf_counter()
         batched = framework.batch_scores(pairs)
