@@ -71,23 +71,34 @@ def uninterrupted(tiny_opt_dir, data_dir, tmp_path_factory):
     return weights
 
 
+def kill_at_a_random_moment(argv, out, chance):
+    """Start an attempt, let it save two checkpoints of its own, then SIGKILL it at a random moment of
+    its next step (a save takes most of a step here, so kills land inside checkpoint writes too). Timed in
+    steps, not seconds: on any machine an attempt goes about three steps further, never to the end."""
+    step = newest_step(out)
+    seen_at = []  # when each new checkpoint of this attempt appeared
+    attempt = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while attempt.poll() is None and len(seen_at) < 2 and time.time() < deadline:
+        if newest_step(out) != step:
+            step = newest_step(out)
+            seen_at.append(time.monotonic())
+        time.sleep(0.002)
+    if len(seen_at) == 2:
+        time.sleep(chance.uniform(0, seen_at[1] - seen_at[0]))
+    attempt.kill()
+    attempt.wait()
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_killed_at_random_moments_and_restarted_ends_with_the_same_weights(
     method, uninterrupted, tiny_opt_dir, data_dir, tmp_path
 ):
-    """SIGKILL three times, each at a random moment after the attempt has saved a checkpoint of its own
-    (a save takes most of a step here, so kills land inside checkpoint writes too), then let it finish."""
+    """SIGKILL three times at random moments, then let the same command finish."""
     chance = random.Random(method)
     argv = command(tiny_opt_dir, data_dir, tmp_path, method)
     for _ in range(3):
-        before = newest_step(tmp_path)
-        attempt = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while attempt.poll() is None and newest_step(tmp_path) == before and time.time() < deadline:
-            time.sleep(0.01)
-        time.sleep(chance.uniform(0, 0.2))
-        attempt.kill()
-        attempt.wait()
+        kill_at_a_random_moment(argv, tmp_path, chance)
         assert newest_step(tmp_path) < STEPS, "the run finished before it could be killed"
     done = subprocess.run(argv, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
