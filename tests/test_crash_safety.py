@@ -78,10 +78,11 @@ def kill_at_a_random_moment(argv, out, chance):
     step = newest_step(out)
     seen_at = []  # when each new checkpoint of this attempt appeared
     attempt = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while attempt.poll() is None and len(seen_at) < 2 and time.time() < deadline:
-        if newest_step(out) != step:
-            step = newest_step(out)
+    deadline = time.monotonic() + 120
+    while attempt.poll() is None and len(seen_at) < 2 and time.monotonic() < deadline:
+        newest = newest_step(out)
+        if newest != step:
+            step = newest
             seen_at.append(time.monotonic())
         time.sleep(0.002)
     if len(seen_at) == 2:
