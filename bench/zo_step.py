@@ -202,18 +202,16 @@ def run_worker(opts):
         return model_option_loss(model, batch, pad)
 
     def reference_forward():  # the unit, measured beside each step: a busy shared machine slows both alike
-        hooked = optimizer is not None and bool(optimizer.hooks)
-        if hooked:  # the plain model's forward, without LOZO's side path
-            for hook in optimizer.hooks:
-                hook.remove()
-            optimizer.hooks = []
+        side_path = optimizer.side_path if optimizer is not None else None
+        if side_path is not None:  # the plain model's forward, without LOZO's side path
+            side_path.remove()
         training = model.training
         model.eval()
         with torch.inference_mode():
             loss()
         model.train(training)
-        if hooked:
-            optimizer.attach(model)
+        if side_path is not None:
+            side_path.install()
 
     method, step, weight_passes, optimizer = opts.worker, 0, None, None
     if method == "forward":

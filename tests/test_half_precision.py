@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import LOZOtrainer
 import run_lozo
+import side_path
 from LOZOtrainer import ZOOptimizer, stochastic_round
 from utils import Float32Products, UsageError
 
@@ -129,14 +129,22 @@ def test_the_side_path_computes_with_the_effective_weights(family, tiny_opt_dir,
         )
 
 
-def test_a_matrix_read_other_than_by_linear_or_embedding_is_refused():
+@pytest.mark.parametrize(
+    "read, reader",
+    [
+        (lambda W, x: x @ torch.cat([W]).T, "cat"),  # W inside a list: the refusal looks into it
+        (lambda W, x: x @ W.exp().T, "exp"),
+        (lambda W, x: F.linear(x, W * 2), "mul"),
+    ],
+)
+def test_a_matrix_read_other_than_by_linear_or_embedding_is_refused(read, reader):
     class Odd(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.weight = torch.nn.Parameter(torch.randn(3, 4))
 
         def forward(self, x):
-            return x @ self.weight.T
+            return read(self.weight, x)
 
     model = torch.nn.Sequential(Odd())
     optimizer = ZOOptimizer(
@@ -145,7 +153,7 @@ def test_a_matrix_read_other_than_by_linear_or_embedding_is_refused():
     optimizer.attach(model)
     optimizer.begin_step()
     optimizer.move_to(+1)
-    with pytest.raises(UsageError, match=r"cannot train 0\.weight: Odd reads it with"):
+    with pytest.raises(UsageError, match=rf"cannot train 0\.weight: Odd reads it with {reader}\b"):
         model(torch.randn(2, 4))
 
 
@@ -261,7 +269,7 @@ def test_stochastic_merges_keep_updates_that_rounding_to_nearest_drops(smollm2_l
     41 % kept)."""
     reference = replay(smollm2_layer, torch.float32, 1e-7, 1000)
     assert 0.95 < kept_fraction(replay(smollm2_layer, torch.bfloat16, 1e-7, 1000), reference) < 1.05
-    monkeypatch.setattr(LOZOtrainer, "stochastic_round", lambda values, dtype, generator: values.to(dtype))
+    monkeypatch.setattr(side_path, "stochastic_round", lambda values, dtype, generator: values.to(dtype))
     assert kept_fraction(replay(smollm2_layer, torch.bfloat16, 1e-7, 1000), reference) < 0.6
 
 

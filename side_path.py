@@ -1,0 +1,512 @@
+"""LOZO's side path: the model computes with every LOZO matrix's effective weight W + A·Bᵀ while W itself
+stays as it is, so that no perturbation or small update is ever rounded into half-precision weights.
+
+A module that reads W (m×n) gets the low-rank part added to its output, in one of four ways:
+
+    x·Wᵀ     nn.Linear, F.linear(x, W), x @ W.T        output += (x·B)·Aᵀ
+    x·W      transformers' Conv1D, addmm(b, x, W)       output += (x·A)·Bᵀ
+    W[ids]   nn.Embedding, F.embedding(ids, W)          output += A[ids]·Bᵀ
+    Wᵀ[ids]  F.embedding(ids, W.T) (peft's LoRA emb.)   output += B[ids]·Aᵀ
+
+Two mechanisms, chosen per matrix on the first forward pass:
+  * typed hooks: a forward hook on the nn.Linear / Conv1D / nn.Embedding that owns W (and runs that
+    class's own forward) adds the side term to its output. That is the fast path: one hook and two small
+    products a call, no dispatch;
+  * the reading mode, a TorchFunctionMode active in the forward of the modules that read W in any other way
+    (subclasses with a forward of their own such as FalconLinear, a parent module's F.linear on a child's
+    weight, peft's ParameterDicts, mixture-of-experts weights stored as (experts, m, n), custom modules):
+    it follows W through transposes, dtype conversions and expert slices to the product that consumes it.
+
+The first forward after `attach` is watched: every read of every LOZO matrix anywhere in the model is seen
+by the mode, matrices read outside their owner's typed forward move to the reading mode, and any read the
+side path cannot follow (or a matrix the forward never reads) is a one-line error naming the matrix, the
+reading module and the way out. Later forwards run only the hooks the watched one showed to be needed.
+"""
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+from transformers.pytorch_utils import Conv1D
+
+from utils import UsageError
+
+logger = logging.getLogger(__name__)
+
+CHUNK = 1 << 20  # elements per row block of a merge: no parameter-sized temporary
+
+X_WT, X_W, ROWS, COLS = "x·Wᵀ", "x·W", "W[ids]", "Wᵀ[ids]"
+TRANSPOSED = {X_WT: X_W, X_W: X_WT, ROWS: COLS, COLS: ROWS}
+TYPED_READS = ((torch.nn.Linear, X_WT), (Conv1D, X_W), (torch.nn.Embedding, ROWS))
+
+
+def stochastic_round(values, dtype, generator):
+    """float32 `values` in a narrower `dtype`, each rounded to one of its two neighbours at random, with the
+    probability that makes the expected result the value itself. (Rounding to nearest would drop every
+    change smaller than half a unit in the last place: most of a merged update at lr 1e-6 in bf16.)"""
+    if values.dtype == dtype:
+        return values
+    nearest = values.to(dtype)
+    error = values - nearest.float()
+    neighbour = torch.nextafter(nearest, torch.where(error > 0, torch.inf, -torch.inf).to(dtype))
+    gap = (neighbour.float() - nearest.float()).abs()
+    away = torch.rand(values.shape, generator=generator, device=values.device) * gap < error.abs()
+    return torch.where(away, neighbour, nearest)
+
+
+def add_product_(output, left, right):
+    """output += left @ right over the last dimension (output (..., b), left (..., k), right (k, b)), fused
+    into one addmm_ when the dtypes agree."""
+    if output.dtype == left.dtype == right.dtype and output.is_contiguous():
+        output.view(-1, output.shape[-1]).addmm_(left.reshape(-1, left.shape[-1]), right)
+        return output
+    return output.add_(left @ right)
+
+
+class LowRankMatrix:
+    """A LOZO matrix W (m×n) and its factors. The model computes with the effective weight
+
+        scale · (W + [C + position·(ε/scale)·U | A_old] · [V | V_old]ᵀ)
+
+    W, the parameter (or one expert's slice of it), is written only by `merge`. C (m×r, float32) is this V
+    period's update so far and A_old, V_old the finished periods not merged yet (`periods` of them); `scale`
+    is the weight decay since the last merge, kept as one number so that decay never rounds a factor.
+
+    The factors live transposed in two buffers of W's dtype, `left` ((1 + capacity)·r × m) and `right`
+    ((1 + capacity)·r × n): rows 0…r−1 hold this period, the next rows A_old and V_old, and the forward
+    multiplies by their first r + `used` rows. C accumulates in float32 and is rounded once per move; the
+    merge writes exactly what the forward computed with. In float16 the rows of `right` are V's columns
+    scaled to unit length (and `left`'s rows scaled up to match), so that x·V cannot overflow float16's range
+    for any input whose norm fits in it: the side path then runs in float16 with no float32 copy."""
+
+    def __init__(self, param, rank, eps, capacity, expert=None):
+        self.param, self.expert, self.rank, self.eps = param, expert, rank, eps
+        m, n = self.weight.shape
+        self.compute_dtype = param.dtype
+        rows = (1 + capacity) * rank
+        self.left = torch.zeros(rows, m, dtype=param.dtype, device=param.device)
+        self.right = torch.zeros(rows, n, dtype=param.dtype, device=param.device)
+        self.exact_dtype = torch.promote_types(param.dtype, torch.float32)  # of C, U and the merge
+        self.C = torch.zeros(m, rank, dtype=self.exact_dtype, device=param.device)
+        self.U = torch.zeros_like(self.C)
+        self.norms = torch.ones(rank, dtype=self.exact_dtype, device=param.device)
+        self.normalized = param.dtype == torch.float16
+        self.used, self.scale, self.position = 0, 1.0, 0
+        self.active = False  # whether the low-rank part is non-zero (else the forward skips it)
+        self._views()
+
+    @property
+    def weight(self):
+        """W: the parameter's data, or one expert's (m×n) slice of a stacked (experts, m, n) parameter."""
+        return self.param.data if self.expert is None else self.param.data[self.expert]
+
+    @property
+    def V(self):
+        V = self.right[: self.rank].T.to(self.exact_dtype, copy=True)
+        return V * self.norms if self.normalized else V
+
+    @property
+    def periods(self):
+        return self.used // self.rank
+
+    def _views(self):
+        k = self.rank + self.used
+        self.A, self.B = self.left[:k].T, self.right[:k].T  # (m×k), (n×k): the forward's factors
+
+    def current(self):
+        """This period's rows of the left factor, in float32: C + position·(ε/scale)·U (times V's norms)."""
+        rows = self.C if self.position == 0 else self.C + (self.position * self.eps / self.scale) * self.U
+        return rows * self.norms if self.normalized else rows
+
+    def begin_period(self, V):
+        """A new V: this period's update joins the unmerged ones (unless it is zero, as at lr 0)."""
+        r = self.rank
+        if self.C.any():
+            self.left[r + self.used : 2 * r + self.used] = (
+                self.C * self.norms if self.normalized else self.C
+            ).T
+            self.right[r + self.used : 2 * r + self.used] = self.right[:r]
+            self.used += r
+        self.C.zero_()
+        if self.normalized:
+            self.norms = V.norm(dim=0).clamp_min(torch.finfo(torch.float32).tiny)
+            V = V / self.norms
+        self.right[:r] = V.T
+        self.move_to(self.position)
+
+    def move_to(self, position):
+        self.position = position
+        self.left[: self.rank] = self.current().T
+        self.active = position != 0 or self.used > 0 or bool(self.C.any()) or self.scale != 1.0
+        self._views()
+
+    def update(self, direction, lr, decay):
+        """Effective weight ← decay · effective weight − lr · direction · Vᵀ, back at position 0."""
+        self.scale *= decay
+        self.C.add_(direction, alpha=-lr / self.scale)
+        self.move_to(0)
+
+    def merge(self, generator, current):
+        """W ← scale·(W + A_old·V_oldᵀ (+ C·Vᵀ with `current`)), rounded once, row block by row block. The
+        merged factors restart from zero."""
+        first = 0 if current else self.rank
+        A = self.left[first : self.rank + self.used].T.to(self.exact_dtype)
+        V = self.right[first : self.rank + self.used].to(self.exact_dtype)
+        if self.scale != 1.0 or A.any():
+            W = self.weight
+            rows = max(1, CHUNK // W.shape[1])
+            for start in range(0, W.shape[0], rows):
+                block = W[start : start + rows]
+                exact = torch.addmm(block.to(self.exact_dtype), A[start : start + rows], V).mul_(self.scale)
+                block.copy_(stochastic_round(exact, W.dtype, generator))
+        if current:
+            self.C.zero_()
+        else:
+            self.C.mul_(self.scale)  # this period's update, now relative to the merged W
+        self.used, self.scale = 0, 1.0
+        self.move_to(self.position)
+
+    def add_to(self, read, x, output, bias=None):
+        """`output` of a read of W (x·Wᵀ + bias, x·W + bias, W[ids] or Wᵀ[ids]), turned in place into the
+        output of the same read of the effective weight."""
+        if not self.active:
+            return output
+        A, B = self.A, self.B
+        if read == X_WT:
+            add_product_(output, x.to(B.dtype) @ B, A.T)
+        elif read == X_W:
+            add_product_(output, x.to(A.dtype) @ A, B.T)
+        elif read == ROWS:
+            add_product_(output, F.embedding(x, A), B.T)
+        else:
+            add_product_(output, F.embedding(x, B), A.T)
+        if self.scale != 1.0:  # scale·(read of W + side) + bias
+            output.mul_(self.scale)
+            if bias is not None:
+                output.add_(bias, alpha=1.0 - self.scale)
+        return output
+
+    def effective(self):
+        """The effective weight, as the forward computes with it, in float32 (for tests and benchmarks: it is
+        parameter-sized)."""
+        return torch.addmm(
+            self.weight.to(self.exact_dtype), self.A.to(self.exact_dtype), self.B.T.to(self.exact_dtype)
+        ).mul_(self.scale)
+
+    def state(self):
+        k = self.rank + self.used
+        state = {
+            "left": self.left[:k].cpu(),
+            "right": self.right[:k].cpu(),
+            "C": self.C.cpu(),
+            "scale": self.scale,
+        }
+        return state | ({"norms": self.norms.cpu()} if self.normalized else {})
+
+    def load(self, state):
+        k = len(state["left"])
+        self.left[:k], self.right[:k] = state["left"], state["right"]
+        self.used, self.C, self.scale = k - self.rank, state["C"].to(self.param.device), state["scale"]
+        if "norms" in state:
+            self.norms = state["norms"].to(self.param.device)
+        self.move_to(self.position)
+
+
+# Reads of a matrix that involve no values (the modules that own one may ask for its dtype or shape).
+METADATA = {
+    torch.Tensor.size,
+    torch.Tensor.dim,
+    torch.Tensor.numel,
+    torch.Tensor.data_ptr,
+    torch.Tensor.stride,
+    torch.Tensor.is_floating_point,
+    torch.Tensor.element_size,
+    torch.Tensor.get_device,
+}
+METADATA_PROPERTIES = {
+    torch.Tensor.shape,
+    torch.Tensor.dtype,
+    torch.Tensor.device,
+    torch.Tensor.ndim,
+    torch.Tensor.requires_grad,
+    torch.Tensor.is_cuda,
+    torch.Tensor.layout,
+    torch.Tensor.is_sparse,
+    torch.Tensor.is_quantized,
+    torch.Tensor.is_meta,
+}
+TRANSPOSES = {torch.Tensor.t, torch.t}
+TRANSPOSE_PROPERTIES = {torch.Tensor.T, torch.Tensor.mT}
+SAME_VALUES = {  # reads that pass W's values on unchanged: the product that consumes the result reads W
+    torch.Tensor.to,
+    torch.Tensor.float,
+    torch.Tensor.half,
+    torch.Tensor.bfloat16,
+    torch.Tensor.type,
+    torch.Tensor.contiguous,
+    torch.Tensor.detach,
+    torch.Tensor.type_as,
+}
+PRODUCTS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm}
+ADDMMS = {torch.addmm, torch.Tensor.addmm}
+
+
+def function_name(func):
+    return getattr(func, "__name__", None) or str(func)
+
+
+class ReadingMode(TorchFunctionMode):
+    """Adds the side term to the product that consumes a LOZO matrix, however the module reads it: W or its
+    transpose, converted or not, a whole matrix or one expert's slice. `watched` (the first forward) also
+    sees the reads of typed matrices, to tell which are read outside their owner's forward."""
+
+    def __init__(self, side_path):
+        super().__init__()
+        self.side_path = side_path
+        self.depth = 0  # modules inside which the mode is entered (it is entered once, by the outermost)
+        self.derived = {}  # id of a tensor derived from W -> (tensor, matrix or stack, read of W it is)
+
+    def enter(self, module, args):
+        if self.depth == 0:
+            self.__enter__()
+        self.depth += 1
+
+    def leave(self, module, args, output):
+        self.depth -= 1
+        if self.depth == 0:
+            self.derived.clear()
+            self.__exit__(None, None, None)
+
+    def lookup(self, tensor):
+        """(matrices, read) when `tensor` is a LOZO matrix this mode handles, or derived from one; else None.
+        `matrices` is a LowRankMatrix, or a list of them for a stacked (experts, m, n) parameter."""
+        if not isinstance(tensor, torch.Tensor):
+            return None
+        found = self.derived.get(id(tensor))
+        if found is not None:
+            return found[1:]
+        matrices = self.side_path.handled(tensor)
+        return None if matrices is None else (matrices, X_WT)
+
+    def derive(self, result, matrices, read):
+        self.derived[id(result)] = (result, matrices, read)
+        return result
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in METADATA or getattr(func, "__self__", None) in METADATA_PROPERTIES:
+            return func(*args, **kwargs)
+        leaves = [leaf for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
+        found = [(leaf, self.lookup(leaf)) for leaf in leaves]
+        found = [(leaf, hit) for leaf, hit in found if hit is not None]
+        if not found:
+            return func(*args, **kwargs)
+        (tensor, (matrices, read)), *others = found
+        if others:
+            return self.refuse(tensor, matrices, function_name(func))
+        result = self.read(func, args, kwargs, tensor, matrices, read)
+        if result is NotImplemented:
+            return self.refuse(tensor, matrices, function_name(func))
+        return result
+
+    def read(self, func, args, kwargs, tensor, matrices, read):
+        """The result of `func` on `tensor` (derived from W as `read`), with the side term where it is a
+        product; NotImplemented for reads the side path cannot follow."""
+        first = args[0] if args else None
+        second = args[1] if len(args) > 1 else kwargs.get("weight", kwargs.get("other", kwargs.get("mat2")))
+        if isinstance(matrices, list):  # a stacked (experts, m, n) parameter: only one expert's slice is read
+            if func is torch.Tensor.__getitem__ and first is tensor and read == X_WT:
+                index = args[1]
+                expert = int(index) if not isinstance(index, tuple) else None
+                if expert is None:
+                    return NotImplemented
+                return self.derive(func(*args, **kwargs), matrices[expert], X_WT)
+            return NotImplemented
+        if (
+            func in TRANSPOSES
+            or getattr(func, "__self__", None) in TRANSPOSE_PROPERTIES
+            or (
+                func is torch.Tensor.transpose
+                and sorted(d % 2 for d in args[1:3]) == [0, 1]
+                and first is tensor
+            )
+        ):
+            return self.derive(func(*args, **kwargs), matrices, TRANSPOSED[read])
+        if func in SAME_VALUES and first is tensor:
+            return self.derive(func(*args, **kwargs), matrices, read)
+        if func is F.linear and second is tensor and read in (X_WT, X_W):
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            return matrices.add_to(read, first, func(*args, **kwargs), bias)
+        if func in PRODUCTS and second is tensor and read in (X_WT, X_W):
+            return matrices.add_to(TRANSPOSED[read], first, func(*args, **kwargs))  # x @ W reads as x·W
+        if func in ADDMMS and len(args) > 2 and args[2] is tensor and read in (X_WT, X_W):
+            if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1:
+                return NotImplemented
+            return matrices.add_to(TRANSPOSED[read], args[1], func(*args, **kwargs), args[0])
+        if func is F.embedding and second is tensor and read in (X_WT, X_W):
+            if (args[3] if len(args) > 3 else kwargs.get("max_norm")) is not None:
+                return NotImplemented  # max_norm rewrites the rows it reads
+            return matrices.add_to(ROWS if read == X_WT else COLS, first, func(*args, **kwargs))
+        return NotImplemented
+
+    def refuse(self, tensor, matrices, reader):
+        matrix = matrices[0] if isinstance(matrices, list) else matrices
+        raise UsageError(self.side_path.cannot_train(matrix.param, reader))
+
+
+class SidePath:
+    """Everything that makes `model` compute with the effective weights of `matrices` (a dict: id of a
+    parameter -> its LowRankMatrix, or the list of its experts' matrices for an (experts, m, n) parameter).
+    `remove()` leaves the model as it was."""
+
+    def __init__(self, model, matrices, names):
+        self.model, self.matrices, self.names = model, matrices, names
+        self.typed = {}  # id of a parameter read by typed hooks -> [(owner module, read)]
+        self.reading = {}  # id of a parameter read through the mode -> its matrices
+        self.mode = ReadingMode(self)
+        self.hooks, self.typed_hooks, self.stack_hooks = [], {}, []
+        self.watching, self.watched = False, False
+        self.stack, self.seen, self.moved, self.readers = [], set(), set(), set()  # of the watched forward
+        self._switch_experts_to_eager()
+        for module in model.modules():
+            for name, param in module.named_parameters(recurse=False):
+                if id(param) not in matrices:
+                    continue
+                read = typed_read(module, name, param)
+                if read is None:
+                    self.reading[id(param)] = matrices[id(param)]
+                else:
+                    self.typed.setdefault(id(param), []).append((module, read))
+        self.install()
+
+    def install(self):
+        """Hook the model: the typed hooks, the reading mode's modules, and the watch until a forward ran."""
+        for param_id, owners in self.typed.items():
+            for module, read in owners:
+                self._hook_typed(module, read, param_id)
+        for module in self.readers if self.watched else ():
+            self.hooks.append(module.register_forward_pre_hook(self.mode.enter))
+            self.hooks.append(module.register_forward_hook(self.mode.leave, always_call=True))
+        if not self.watched:
+            self.hooks.append(self.model.register_forward_pre_hook(self._watch))
+            self.hooks.append(self.model.register_forward_hook(self._unwatch, always_call=True))
+
+    def _switch_experts_to_eager(self):
+        """transformers' grouped_mm expert kernels take all experts' weights in one call: the eager loop reads
+        one expert's (m×n) slice at a time, which the reading mode follows."""
+        if not any(isinstance(m, list) for m in self.matrices.values()):
+            return
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        implementation = getattr(getattr(model, "config", None), "_experts_implementation", "eager")
+        if implementation not in (None, "eager"):
+            logger.info("LOZO reads expert weights one expert at a time: experts implementation set to eager")
+            model.set_experts_implementation("eager")
+
+    def _hook_typed(self, module, read, param_id):
+        matrix = self.matrices[param_id]
+        bias = module.bias if read is not ROWS else None
+
+        def add_side(module, args, output):
+            if self.watching:
+                self.seen.add(param_id)
+            return matrix.add_to(read, args[0], output, bias)
+
+        self.typed_hooks.setdefault(param_id, []).append(module.register_forward_hook(add_side))
+
+    def handled(self, tensor):
+        """The matrices of `tensor` when the mode must add its side term: while watching, every LOZO matrix
+        read outside its owner's typed forward (noting who read it); later, those found so."""
+        if not self.watching:
+            return self.reading.get(id(tensor))
+        matrices = self.matrices.get(id(tensor))
+        if matrices is None:
+            return None
+        reader = self.reader()
+        if any(owner is reader for owner, _ in self.typed.get(id(tensor), ())):
+            return None  # its owner's typed forward: the typed hook adds the side term
+        self.seen.add(id(tensor))
+        self.readers.add(reader)
+        if id(tensor) in self.typed:
+            self.moved.add(id(tensor))
+        return matrices
+
+    def reader(self):
+        return self.stack[-1] if self.stack else self.model
+
+    # ---- the watched first forward ----
+
+    def _watch(self, model, args):
+        if self.watched or self.watching:
+            return
+        # The root itself is on the stack: the global hooks start inside its forward, but end around it.
+        self.watching, self.stack, self.seen, self.moved, self.readers = True, [model], set(), set(), set()
+        self.stack_hooks = [
+            register_module_forward_pre_hook(self._push),
+            register_module_forward_hook(self._pop, always_call=True),
+        ]
+        self.mode.enter(model, args)
+
+    def _push(self, module, args):
+        self.stack.append(module)
+
+    def _pop(self, module, args, output):  # (a forward hook that returned something would replace the output)
+        self.stack.pop()
+
+    def _unwatch(self, model, args, output):
+        if not self.watching:
+            return
+        self.mode.leave(model, args, output)
+        for handle in self.stack_hooks:
+            handle.remove()
+        self.watching, self.stack_hooks = False, []
+        if output is None:  # the forward failed: watch the next one
+            return
+        self.watched = True
+        # A parameter read outside its owner's typed forward is read through the mode everywhere: its typed
+        # hooks go, and its owners join the modules in whose forward the mode is entered.
+        for param_id in self.moved:
+            for handle in self.typed_hooks.pop(param_id):
+                handle.remove()
+            self.readers.update(owner for owner, _ in self.typed.pop(param_id))
+            self.reading[param_id] = self.matrices[param_id]
+        self.remove()
+        self.install()
+        unread = [param for param in self.parameters() if id(param) not in self.seen]
+        if unread:
+            raise UsageError(self.cannot_train(unread[0], None))
+
+    def parameters(self):
+        for matrices in self.matrices.values():
+            yield (matrices[0] if isinstance(matrices, list) else matrices).param
+
+    def cannot_train(self, param, reader, module=None):
+        name = self.names.get(id(param), f"a {tuple(param.shape)} matrix")
+        if reader is None:
+            how = "the model's forward never reads it (or reads it where the side path cannot see)"
+        else:
+            how = f"{type(module or self.reader()).__name__} reads it with {reader}"
+        return (
+            f"--trainer LOZO cannot train {name}: {how}, and LOZO adds its low-rank perturbation to linear "
+            "and embedding reads only; freeze it or use --trainer zo"
+        )
+
+    def remove(self):
+        """Unhook the model (`install` hooks it again, as the watched forward left it)."""
+        handles = self.hooks + self.stack_hooks + [h for hs in self.typed_hooks.values() for h in hs]
+        for handle in handles:
+            handle.remove()
+        self.hooks, self.typed_hooks, self.stack_hooks = [], {}, []
+
+
+def typed_read(module, name, param):
+    """How `module` reads its parameter `name`, if it is a typed read: the module runs its class's own
+    forward (subclasses with a forward of their own, FalconLinear's input @ weight.T or OPT's learned
+    positions, are followed by the reading mode instead)."""
+    if name != "weight" or param.dim() != 2:
+        return None
+    if isinstance(module, torch.nn.Embedding) and module.max_norm is not None:
+        return None  # max_norm rewrites the rows it reads: the mode refuses it when read
+    return next((read for cls, read in TYPED_READS if type(module).forward is cls.forward), None)

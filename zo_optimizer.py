@@ -1,0 +1,498 @@
+"""`ZOOptimizer`: zeroth-order SGD along MeZO's dense random directions, LOZO's low-rank ones and LOZO's
+momentum, with the run as a record of its steps (`record` / `replay`).
+
+Directions, per trainable tensor W at optimisation step t:
+  LOZO, 2-D W (m×n):  Z = U Vᵀ, U ~ N(0,1)^{m×r} fresh each step, V ~ N(0,1)^{n×r} redrawn at t = 0, ν, 2ν, …
+  otherwise (MeZO, and 1-D tensors under LOZO): dense z ~ N(0,1) of W's shape.
+Every tensor has its own random stream seeded from (run seed, step, tensor index), so Z can be regenerated
+exactly, in any order and on any device, and is never stored. That is also what makes data-parallel ZO
+cheap: replicas started by torchrun draw the same Z, so they need to sum only their loss sums and counts
+(`LowRankTrainer.reduce_loss_sums`) to take the same step.
+
+Exact arithmetic in any dtype. Writing θ ± εZ into the weights and back rounds every time, and in half
+precision the roundings random-walk (bf16 weights drifted by 4 % in 300 steps at learning rate 0), while
+the papers' updates (lr 1e-6 – 1e-7) are far below a half-precision weight's last bit. So no weight is
+ever perturbed in place:
+  * a LOZO matrix keeps its weights W as they are and the modules that read W add its low-rank part to
+    their output (`SidePath`): the model computes with scale·W + [A + position·εU | A_old]·[V | V_old]ᵀ,
+    where A = −η Σ g U is this V period's update so far and A_old, V_old the finished periods, all float32
+    (`LowRankMatrix`). Every `merge_periods` periods, and before a checkpoint, they are written into W,
+    rounded once — stochastically in half precision, so the merge is unbiased;
+  * every other tensor has a float32 master copy: the weights are written as round(master + position·εz)
+    and the update goes into the master. That is small for LOZO's vectors; for MeZO it is 4 bytes a weight,
+    and `in_place` keeps MeZO's original in-place arithmetic (inference memory, rounding drift) instead.
+"""
+
+import hashlib
+import json
+import logging
+import math
+
+import numpy as np
+import torch
+
+from side_path import CHUNK, LowRankMatrix, SidePath
+from utils import UsageError
+
+logger = logging.getLogger(__name__)
+
+U_STREAM, V_STREAM, ROUNDING_STREAM = 0, 1, 2
+
+
+def stream_seed(*key):
+    """A 63-bit seed that depends on every part of `key` (NumPy's SeedSequence mixes them well)."""
+    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def seeded_generator(seed, device):
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def gaussian(shape, seed, device):
+    return torch.randn(shape, generator=seeded_generator(seed, device), device=device, dtype=torch.float32)
+
+
+def dense_noise(numel, seed, device):
+    """Yield (start, z) chunk by chunk: z ~ N(0,1) in float32 for elements start … start + len(z) of a flat
+    tensor. z is refilled by the next chunk: use it before asking for the next one. (One buffer refilled in
+    place gives the same numbers as torch.randn; drawing bounds a dense step, and a fresh allocation per
+    chunk costs ~15 % more on a CPU.)"""
+    generator = seeded_generator(seed, device)
+    buffer = torch.empty(min(CHUNK, numel), device=device, dtype=torch.float32)
+    for start in range(0, numel, CHUNK):
+        yield start, buffer[: min(CHUNK, numel - start)].normal_(generator=generator)
+
+
+def as_tuple(key):
+    """A matrix key (a tensor index, or (index, expert)) as the tuple that seeds its streams."""
+    return key if isinstance(key, tuple) else (key,)
+
+
+def as_key(key):
+    """A matrix or momentum key as loaded from a checkpoint (ints may come back as strings)."""
+    return tuple(int(k) for k in key) if isinstance(key, (tuple, list)) else int(key)
+
+
+def expert_of(key):
+    return key[1] if isinstance(key, tuple) else None
+
+
+def hash_into(hasher, tensor):
+    """Feed a tensor's bytes to `hasher`, CHUNK elements at a time (no tensor-sized copy off a GPU)."""
+    flat = tensor.detach().reshape(-1)
+    for start in range(0, flat.numel(), CHUNK):
+        hasher.update(flat[start : start + CHUNK].cpu().view(torch.uint8).numpy())
+
+
+class ZOOptimizer(torch.optim.Optimizer):
+    """Zeroth-order SGD along random directions (MeZO), low-rank directions (LOZO) and LOZO's momentum.
+
+    Protocol for one optimisation step (what `LowRankTrainer.training_step` does):
+        begin_step(); move_to(+1); L+ = loss; move_to(-1); L- = loss; set_projected_grad((L+ - L-) / 2ε)
+        step()  # the update; the model is back at θ (position 0)
+    LOZO matrices reach the model through `attach(model)`; `settle()` writes everything into the parameters
+    (before checkpoints), `release()` also detaches (the end of training).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr,
+        eps=1e-3,
+        seed=0,
+        low_rank=False,
+        rank=2,
+        step_interval=50,
+        momentum=None,
+        weight_decay=0.0,
+        in_place=False,
+        merge_periods=8,
+        names=None,
+        replayable=False,
+    ):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+        self.eps, self.seed, self.low_rank, self.in_place = eps, seed, low_rank, in_place
+        self.rank, self.step_interval, self.beta = rank, step_interval, momentum
+        self.merge_periods = merge_periods
+        self.replayable = replayable  # hash the starting weights (a full pass over them), so `record` works
+        self.tensors = [(i, p) for i, p in enumerate(p for g in self.param_groups for p in g["params"])]
+        self.index = {id(p): i for i, p in self.tensors}
+        self.names = names or {}
+        self.zo_step = 0  # optimisation steps taken: selects Z and the V period
+        self.skipped = 0  # steps whose losses were not finite
+        self.projected_grad = None
+        self.position = 0  # the model computes with θ + position·εZ of the current step
+        self.momentum = {}  # matrix key -> N (m×r) of a LOZO matrix; tensor index -> dense momentum (float32)
+        # LOZO matrices, keyed by tensor index (a 2-D tensor) or (index, expert) (each (m×n) slice of an
+        # (experts, m, n) tensor of a mixture of experts: the paper's low rank is per matrix).
+        self.matrices, self.keys = {}, {}
+        for i, p in self.tensors if low_rank else ():
+            if p.dim() in (2, 3):
+                self.keys[i] = [i] if p.dim() == 2 else [(i, e) for e in range(p.shape[0])]
+                for key in self.keys[i]:
+                    self.matrices[key] = LowRankMatrix(p, rank, eps, merge_periods, expert=expert_of(key))
+        self.masters = {}  # tensor index -> float32 master copy: all but the matrices, unless in_place
+        # Everything that retakes this run from its starting weights without a forward pass (`replay`): a
+        # hash of those weights, every step's g and learning rates, and the steps at which settle() rounded.
+        self.trajectory = {"start": None, "steps": [], "settled_at": []}
+        self.model, self.side_path, self.settle_hook = None, None, None
+        self._acquire()
+
+    def _acquire(self):
+        self.released = False
+        if not self.in_place:
+            self.masters = {
+                i: p.detach().to(torch.promote_types(p.dtype, torch.float32), copy=True)
+                for i, p in self.tensors
+                if i not in self.keys
+            }
+        if self.model is not None and self.side_path is None:
+            self.attach(self.model)
+
+    def settings(self):
+        """What a checkpoint must agree on to resume this run."""
+        return {
+            "low_rank": self.low_rank,
+            "rank": self.rank,
+            "step_interval": self.step_interval,
+            "momentum": self.beta,
+            "eps": self.eps,
+            "seed": self.seed,
+            "in_place": self.in_place,
+            "merge_periods": self.merge_periods,
+        }
+
+    def attach(self, model):
+        """Give `model` LOZO's side path (its forward computes with the effective weights), and make a
+        state_dict() of it between steps (save_pretrained, torch.save) settle first, so it holds them."""
+        self.model = model
+        if self.side_path is not None or not self.matrices:
+            return
+        by_id = {}
+        for i, keys in self.keys.items():
+            matrices = [self.matrices[key] for key in keys]
+            by_id[id(self.tensors[i][1])] = matrices if isinstance(keys[0], tuple) else matrices[0]
+        self.side_path = SidePath(model, by_id, self.names)
+        self.settle_hook = model.register_state_dict_pre_hook(self._settle_before_saving)
+
+    def _settle_before_saving(self, module, prefix, keep_vars):
+        if self.position == 0:  # between steps (mid-step, the weights are the step's business)
+            self.settle()
+
+    def _detach(self):
+        if self.side_path is not None:
+            self.side_path.remove()
+            self.settle_hook.remove()
+        self.side_path, self.settle_hook = None, None
+
+    def _seed(self, key, step=None):
+        """Seed of tensor (or matrix key) `key`'s U or dense z at `step` (default: the current step)."""
+        return stream_seed(self.seed, U_STREAM, self.zo_step if step is None else step, *as_tuple(key))
+
+    def _rounding(self, key):
+        device = self.tensors[as_tuple(key)[0]][1].device
+        return seeded_generator(stream_seed(self.seed, ROUNDING_STREAM, self.zo_step, *as_tuple(key)), device)
+
+    def begin_step(self):
+        """This step's directions: U of every matrix, and at steps 0, ν, 2ν, … a new V."""
+        if self.released:
+            self._acquire()
+        if self.replayable and self.zo_step == 0 and self.trajectory["start"] is None:
+            self.trajectory["start"] = self.fingerprint()
+        if self.zo_step % self.step_interval == 0:
+            period = self.zo_step // self.step_interval
+            for key, matrix in self.matrices.items():
+                m, n = matrix.weight.shape
+                seed = stream_seed(self.seed, V_STREAM, period, *as_tuple(key))
+                previous = matrix.V
+                matrix.begin_period(gaussian((n, self.rank), seed, matrix.param.device))
+                if key in self.momentum:  # LOZO-M: the momentum carried into the new V's basis
+                    self.momentum[key] = self.momentum[key] @ (previous.T @ matrix.V) / n
+                if matrix.periods >= self.merge_periods:
+                    matrix.merge(self._rounding(key), current=False)
+        for key, matrix in self.matrices.items():
+            U = gaussian((matrix.weight.shape[0], self.rank), self._seed(key), matrix.param.device)
+            matrix.U = U.to(matrix.exact_dtype)
+
+    @torch.no_grad()
+    def move_to(self, position):
+        """Make the model compute with θ + position·εZ of this step."""
+        if position == self.position:
+            return
+        if self.position is None and self.in_place:  # a step failed half-way through the weights
+            logger.warning("a zeroth-order step was interrupted mid-update: the weights are not restorable")
+        delta = None if self.position is None else position - self.position
+        for i, p in self.tensors:
+            if i in self.keys:
+                for key in self.keys[i]:
+                    self.matrices[key].move_to(position)
+            elif i in self.masters:
+                self._write_from_master(i, p, position)
+            elif delta:  # MeZO in place: every move rounds
+                for start, z in dense_noise(p.numel(), self._seed(i), p.device):
+                    p.data.view(-1)[start : start + len(z)].add_(z, alpha=delta * self.eps)
+        self.position = position
+
+    def _write_from_master(self, i, p, position):
+        """p ← master + position·εz, rounded to p's dtype once."""
+        master, flat = self.masters[i].view(-1), p.data.view(-1)
+        if position == 0:
+            flat.copy_(master)
+            return
+        for start, z in dense_noise(p.numel(), self._seed(i), p.device):
+            end = start + len(z)
+            flat[start:end].copy_(torch.add(master[start:end], z, alpha=position * self.eps))
+
+    def set_projected_grad(self, projected_grad):
+        self.projected_grad = projected_grad
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """W ← W − η(g·Z + λW) (LOZO-M: W − η(N·Vᵀ + λW)) for every tensor; the model ends at θ."""
+        g = self.projected_grad
+        if g is None:
+            raise RuntimeError("ZOOptimizer.step() needs set_projected_grad() first")
+        self.trajectory["steps"].append([g, [group["lr"] for group in self.param_groups]])
+        finite = math.isfinite(g)
+        if not finite:
+            self.skipped += 1
+            g = 0.0
+        restore, self.position = -self.position, None  # None until every tensor is updated (see move_to)
+        # The groups are read now: the lr scheduler (and load_state_dict) replace their values.
+        for group in self.param_groups:
+            lr, decay = (group["lr"], 1.0 - group["lr"] * group["weight_decay"]) if finite else (0.0, 1.0)
+            for p in group["params"]:
+                i = self.index[id(p)]
+                for key in self.keys.get(i, ()):
+                    matrix = self.matrices[key]
+                    matrix.update(self._low_rank_direction(key, g * matrix.U, finite), lr, decay)
+                if i not in self.keys:
+                    self._step_dense(i, p, g, lr, decay, restore, finite)
+        self.zo_step += 1
+        self.projected_grad = None
+        self.position = 0
+
+    def _low_rank_direction(self, key, gU, finite):
+        """g·U, or for LOZO-M the momentum N ← βN + (1−β)·g·U, started at N₀ = g₀U₀ as the released code
+        starts it (not from zero, which would make the first steps (1−β) times smaller)."""
+        if self.beta is None:
+            return gU
+        N = self.momentum.get(key)
+        if finite:
+            N = gU if N is None else self.beta * N + (1 - self.beta) * gU
+            self.momentum[key] = N
+        return torch.zeros_like(gU) if N is None else N
+
+    def _step_dense(self, i, p, g, lr, decay, restore, finite):
+        """One pass: from θ + (−restore)·εz (in place) or from the master, W ← decay·W − η(g·z or m)."""
+        first = self.beta is not None and i not in self.momentum and finite
+        if first:  # m₀ = g₀z₀, as N₀ = g₀U₀
+            self.momentum[i] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        momentum = self.momentum.get(i)  # only LOZO-M / MeZO with momentum keep any
+        master = self.masters.get(i)
+        weights = (p.data if master is None else master).view(-1)
+        back = decay * restore * self.eps if master is None else 0.0  # in place: undo the perturbation too
+        for start, z in dense_noise(p.numel(), self._seed(i, self.zo_step), p.device):
+            w = weights[start : start + len(z)]
+            if decay != 1.0:
+                w.mul_(decay)
+            if momentum is None:
+                w.add_(z, alpha=back - lr * g)
+            else:
+                m = momentum.view(-1)[start : start + len(z)]
+                if finite:
+                    m.mul_(self.beta).add_(z, alpha=g if first else (1 - self.beta) * g)
+                if back:
+                    w.add_(z, alpha=back)
+                w.add_(m, alpha=-lr)
+            if master is not None:
+                p.data.view(-1)[start : start + len(z)].copy_(w)
+
+    @torch.no_grad()
+    def settle(self):
+        """Make the parameters themselves hold θ, as a checkpoint needs: position 0, and every matrix's
+        low-rank factors merged into its weights."""
+        if self.released:
+            return
+        self.move_to(0)
+        settled = self.trajectory["settled_at"]
+        if self.matrices and (not settled or settled[-1] != self.zo_step):  # a merge rounds: replay it too
+            settled.append(self.zo_step)
+        for key, matrix in self.matrices.items():
+            matrix.merge(self._rounding(key), current=True)
+
+    def release(self):
+        """settle(), then leave the model alone (the end of training; HF may load the best checkpoint next).
+        begin_step() takes the parameters up again."""
+        self.settle()
+        self._detach()
+        self.masters, self.released = {}, True
+
+    def effective_weight(self, p):
+        """θ + position·εZ of tensor p in float32, as the model computes with it (tests and benchmarks)."""
+        i = self.index[id(p)]
+        if i in self.keys:
+            weights = [self.matrices[key].effective() for key in self.keys[i]]
+            return weights[0] if p.dim() == 2 else torch.stack(weights)
+        weight = self.masters[i] if i in self.masters else p.detach()
+        weight = weight.to(torch.promote_types(weight.dtype, torch.float32), copy=True)
+        if i in self.masters and self.position:
+            z = torch.cat([z.clone() for _, z in dense_noise(p.numel(), self._seed(i), p.device)])
+            weight.add_(z.view(p.shape), alpha=self.position * self.eps)
+        return weight
+
+    def state_dict(self):
+        state = super().state_dict()
+        state["zo"] = {
+            "settings": self.settings(),
+            "step": self.zo_step,
+            "skipped": self.skipped,
+            "matrices": {i: matrix.state() for i, matrix in self.matrices.items()},
+            "momentum": {i: m.cpu() for i, m in self.momentum.items()},
+            # A float32 master holds bits its half-precision weights do not: resuming exactly needs them.
+            "masters": {
+                i: m.cpu() for i, m in self.masters.items() if self.tensors[i][1].dtype != torch.float32
+            },
+            "position": self.position,
+            "trajectory": self.trajectory,
+        }
+        return state
+
+    def refuse_other_settings(self, saved, weight_decay=None):
+        """A resume continues the same run: settings that differ from the checkpoint's are an error naming
+        them. (A loaded optimizer state brings its own weight decay; a replay checks the recorded one.)"""
+        now = self.settings()
+        changed = {k: (v, now[k]) for k, v in saved.items() if now[k] != v}
+        decay_now = [group["weight_decay"] for group in self.param_groups]
+        if weight_decay is not None and weight_decay != decay_now:
+            changed["weight_decay"] = (weight_decay, decay_now)
+        if changed:
+            raise UsageError(f"the checkpoint was trained with other settings (checkpoint, now): {changed}")
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        zo = state_dict.pop("zo", None)
+        if zo is None:
+            raise UsageError(
+                "the checkpoint holds no zeroth-order state; resume with the trainer that wrote it"
+            )
+        self.refuse_other_settings(zo["settings"])
+        super().load_state_dict(state_dict)
+        device = {i: p.device for i, p in self.tensors}
+        self.zo_step, self.skipped = zo["step"], zo["skipped"]
+        # A checkpoint from before steps were recorded has none: `record` then finds steps missing.
+        self.trajectory = zo.get("trajectory", {"start": None, "steps": [], "settled_at": []})
+        self.momentum = {as_key(k): m.to(device[as_tuple(as_key(k))[0]]) for k, m in zo["momentum"].items()}
+        for i, master in zo.get("masters", {}).items():
+            self.masters[int(i)].copy_(master)
+        if "matrices" in zo:
+            for key, matrix_state in zo["matrices"].items():
+                self.matrices[as_key(key)].load(matrix_state)
+        else:  # written before the low-rank side path: weights at θ, V of the period (the one a look-ahead
+            # may have replaced already is V_previous), nothing unmerged
+            for i, V in zo["V"].items():
+                self.matrices[int(i)].right[: self.rank] = zo.get("V_previous", {}).get(i, V).T
+        self.move_to(zo.get("position", 0))
+
+    # ---- the run as a record of its steps (--zo_trajectory_checkpoints) ----
+
+    def fingerprint(self):
+        """SHA-256 of the weights (every parameter of the attached model, else the optimised tensors), read
+        chunk by chunk: a replay must begin from the weights the run began from."""
+        hasher = hashlib.sha256()
+        params = self.model.parameters() if self.model is not None else (p for _, p in self.tensors)
+        for p in params:
+            hash_into(hasher, p)
+        return hasher.hexdigest()
+
+    def record(self):
+        """This run so far as JSON-ready steps: what `replay` needs, a few bytes a step."""
+        steps = self.trajectory["steps"]
+        if len(steps) != self.zo_step or self.trajectory["start"] is None:
+            raise UsageError(
+                "this run's steps since its start are not all recorded (it began without "
+                "--zo_trajectory_checkpoints); continue it with full checkpoints"
+            )
+        return {
+            "settings": self.settings(),
+            "weight_decay": [group["weight_decay"] for group in self.param_groups],
+            **self.drawn_by(),
+            **self.trajectory,
+            "digest": self.state_digest(),  # where the steps lead: a replay checks it arrived
+        }
+
+    def drawn_by(self):
+        """What the directions depend on besides the settings: the generator (its device type and torch's
+        algorithms: a CUDA generator draws other numbers than a CPU one for the same seed) and which
+        tensors are trained, in which order."""
+        tensors = [[self.names.get(id(p), str(i)), list(p.shape)] for i, p in self.tensors]
+        return {
+            "device": self.tensors[0][1].device.type,
+            "torch": torch.__version__,
+            "tensors": hashlib.sha256(json.dumps(tensors).encode()).hexdigest(),
+        }
+
+    def state_digest(self):
+        """SHA-256 of the small state every step changes: each LOZO matrix's factors, scale and momentum, and
+        every tensor of at most CHUNK elements (its master, if any). A replay that took other steps ends
+        with another digest."""
+        hasher = hashlib.sha256()
+        for i, p in self.tensors:
+            if i in self.keys:
+                parts = []
+                for key in self.keys[i]:
+                    matrix = self.matrices[key]
+                    k = matrix.rank + matrix.used
+                    parts += [matrix.left[:k], matrix.right[:k], matrix.C, torch.tensor([matrix.scale])]
+                    parts += [self.momentum[key]] if key in self.momentum else []
+            else:
+                parts = [self.masters.get(i, p.detach())] if p.numel() <= CHUNK else []
+            for part in parts:
+                hash_into(hasher, part)
+        return hasher.hexdigest()
+
+    @torch.no_grad()
+    def replay(self, record, log_every=100):
+        """Retake the recorded steps from the starting weights: the same seeds, g and learning rates make the
+        same updates and roundings, so the weights come out bit for bit as the run left them (on the same
+        kind of machine), at the cost of the updates alone: no forward pass."""
+        if self.zo_step != 0:
+            raise RuntimeError("replay() retakes a run from its first step: use a new optimizer")
+        self.refuse_other_settings(record["settings"], record["weight_decay"])
+        here = self.drawn_by()
+        changed = {k: (record[k], v) for k, v in here.items() if record[k] != v}
+        if changed:
+            raise UsageError(
+                f"the checkpoint's directions were drawn elsewhere (checkpoint, here): {changed}; replay it "
+                "on the device type and torch version it was written with, training the same tensors"
+            )
+        if self.fingerprint() != record["start"]:
+            raise UsageError(
+                "the checkpoint's steps start from other weights than this model's; resume with the model, "
+                "dtype (--load_bfloat16 / --load_float16) and mode (--lora, --prefix_tuning, --untie_emb, "
+                "--load_adapter) the run started with"
+            )
+        self.trajectory["start"] = record["start"]
+        settled = set(record["settled_at"])
+        for g, lrs in record["steps"]:
+            if self.zo_step in settled:
+                self.settle()
+            self.begin_step()
+            if self.in_place:  # MeZO's in-place arithmetic rounds at every move: make the moves again
+                self.move_to(+1)
+                self.move_to(-1)
+            for group, lr in zip(self.param_groups, lrs, strict=True):
+                group["lr"] = lr
+            self.set_projected_grad(g)
+            self.step()
+            if self.zo_step % log_every == 0:
+                logger.info("replayed %d of %d steps", self.zo_step, len(record["steps"]))
+        if self.zo_step in settled:
+            self.settle()
+        if self.state_digest() != record["digest"]:  # e.g. another CPU's vectorised draws or matrix products
+            logger.warning(
+                "the replayed state differs from the checkpoint's in its last bits (another kind of CPU?): "
+                "the run goes on from the same steps, not bit for bit"
+            )
