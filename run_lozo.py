@@ -303,6 +303,16 @@ def validate_arguments(args):
             "(under torchrun ZO runs data-parallel with one full replica per process)",
         ),
         (
+            not (args.torch_compile and args.trainer == "LOZO"),
+            "--torch_compile cannot trace LOZO's side path (forward hooks and a TorchFunctionMode); drop "
+            "--torch_compile (MeZO, --trainer zo, compiles)",
+        ),
+        (
+            not ((args.num_train_sets or 0) > 1 and args.trainer != "none"),
+            "--num_train_sets N with a trainer would train each set on top of the model the last one left; "
+            "train one set per run with --train_set_seed k",
+        ),
+        (
             not (args.fsdp and not torch.cuda.is_available()),
             "--fsdp needs GPUs: accelerate runs FSDP on accelerators only (on CPU it would silently use DDP)",
         ),

@@ -57,13 +57,27 @@ def stochastic_round(values, dtype, generator):
     return torch.where(away, neighbour, nearest)
 
 
+# Below this many rows, a CPU computes a half-precision matrix's side term with float32 copies of its factors:
+# its half-precision kernels for these thin products cost a fixed ~25-40 µs a call (float32: ~3 µs; measured
+# on an avx512_bf16 EPYC, 8×576 by 576×16), which dominates small batches; above, they stream better.
+SMALL_ROWS = 64
+
+
 def add_product_(output, left, right):
-    """output += left @ right over the last dimension (output (..., b), left (..., k), right (k, b)), fused
-    into one addmm_ when the dtypes agree."""
-    if output.dtype == left.dtype == right.dtype and output.is_contiguous():
-        output.view(-1, output.shape[-1]).addmm_(left.reshape(-1, left.shape[-1]), right)
+    """output += left @ right over the last dimension (output (..., b), left (..., k), right (k, b)): one
+    addmm_ when the dtypes agree, else rounded to the output's dtype block of rows by block, so that no
+    product in the factors' dtype is output-sized (an LM head's output is rows × vocabulary)."""
+    flat, left = output.view(-1, output.shape[-1]), left.view(-1, left.shape[-1])
+    if output.dtype == right.dtype:
+        flat.addmm_(left, right)
         return output
-    return output.add_(left @ right)
+    rows = max(1, CHUNK // output.shape[-1])
+    if flat.shape[0] <= rows:
+        flat += (left @ right).to(output.dtype)
+        return output
+    for start in range(0, flat.shape[0], rows):
+        flat[start : start + rows] += (left[start : start + rows] @ right).to(output.dtype)
+    return output
 
 
 class LowRankMatrix:
@@ -78,22 +92,25 @@ class LowRankMatrix:
     The factors live transposed in two buffers of W's dtype, `left` ((1 + capacity)·r × m) and `right`
     ((1 + capacity)·r × n): rows 0…r−1 hold this period, the next rows A_old and V_old, and the forward
     multiplies by their first r + `used` rows. C accumulates in float32 and is rounded once per move; the
-    merge writes exactly what the forward computed with. In float16 the rows of `right` are V's columns
-    scaled to unit length (and `left`'s rows scaled up to match), so that x·V cannot overflow float16's range
-    for any input whose norm fits in it: the side path then runs in float16 with no float32 copy."""
+    merge writes exactly what the forward computed with. In float16 (on a GPU) the rows of `right` are V's
+    columns scaled to unit length (and `left`'s rows scaled up to match), so that x·V cannot overflow
+    float16's range for any input whose norm fits in it: the side path runs in float16, no float32 copy."""
 
     def __init__(self, param, rank, eps, capacity, expert=None):
         self.param, self.expert, self.rank, self.eps = param, expert, rank, eps
         m, n = self.weight.shape
         self.compute_dtype = param.dtype
         rows = (1 + capacity) * rank
-        self.left = torch.zeros(rows, m, dtype=param.dtype, device=param.device)
-        self.right = torch.zeros(rows, n, dtype=param.dtype, device=param.device)
+        self.left = torch.zeros(rows, m, dtype=self.compute_dtype, device=param.device)
+        self.right = torch.zeros(rows, n, dtype=self.compute_dtype, device=param.device)
         self.exact_dtype = torch.promote_types(param.dtype, torch.float32)  # of C, U and the merge
         self.C = torch.zeros(m, rank, dtype=self.exact_dtype, device=param.device)
         self.U = torch.zeros_like(self.C)
         self.norms = torch.ones(rank, dtype=self.exact_dtype, device=param.device)
         self.normalized = param.dtype == torch.float16
+        # On a CPU, float32 copies of half-precision factors (the same values) for small batches, and for
+        # every float16 product (a CPU without float16 matrix instructions emulates them).
+        self.mirrored = param.device.type == "cpu" and param.dtype in (torch.float16, torch.bfloat16)
         self.used, self.scale, self.position = 0, 1.0, 0
         self.active = False  # whether the low-rank part is non-zero (else the forward skips it)
         self._views()
@@ -114,7 +131,9 @@ class LowRankMatrix:
 
     def _views(self):
         k = self.rank + self.used
-        self.A, self.B = self.left[:k].T, self.right[:k].T  # (m×k), (n×k): the forward's factors
+        self.At, self.Bt = self.left[:k], self.right[:k]  # Aᵀ (k×m) and Bᵀ (k×n): the forward's factors
+        if self.mirrored:
+            self.At32, self.Bt32 = self.At.float(), self.Bt.float()
 
     def current(self):
         """This period's rows of the left factor, in float32: C + position·(ε/scale)·U (times V's norms)."""
@@ -171,18 +190,21 @@ class LowRankMatrix:
 
     def add_to(self, read, x, output, bias=None):
         """`output` of a read of W (x·Wᵀ + bias, x·W + bias, W[ids] or Wᵀ[ids]), turned in place into the
-        output of the same read of the effective weight."""
+        output of the same read of the effective weight W + A·Bᵀ."""
         if not self.active:
             return output
-        A, B = self.A, self.B
-        if read == X_WT:
-            add_product_(output, x.to(B.dtype) @ B, A.T)
-        elif read == X_W:
-            add_product_(output, x.to(A.dtype) @ A, B.T)
-        elif read == ROWS:
-            add_product_(output, F.embedding(x, A), B.T)
-        else:
-            add_product_(output, F.embedding(x, B), A.T)
+        At, Bt = self.At, self.Bt
+        if self.mirrored and (self.normalized or output.numel() <= SMALL_ROWS * output.shape[-1]):
+            At, Bt = self.At32, self.Bt32
+        if read is X_WT:  # x·Wᵀ + (x·B)·Aᵀ
+            h, second = F.linear(x if x.dtype == Bt.dtype else x.to(Bt.dtype), Bt), At
+        elif read is X_W:  # x·W + (x·A)·Bᵀ
+            h, second = F.linear(x if x.dtype == At.dtype else x.to(At.dtype), At), Bt
+        elif read is ROWS:  # W[ids] + A[ids]·Bᵀ
+            h, second = F.embedding(x, At.T), Bt
+        else:  # Wᵀ[ids] + B[ids]·Aᵀ
+            h, second = F.embedding(x, Bt.T), At
+        add_product_(output, h, second)
         if self.scale != 1.0:  # scale·(read of W + side) + bias
             output.mul_(self.scale)
             if bias is not None:
@@ -192,9 +214,8 @@ class LowRankMatrix:
     def effective(self):
         """The effective weight, as the forward computes with it, in float32 (for tests and benchmarks: it is
         parameter-sized)."""
-        return torch.addmm(
-            self.weight.to(self.exact_dtype), self.A.to(self.exact_dtype), self.B.T.to(self.exact_dtype)
-        ).mul_(self.scale)
+        exact = self.exact_dtype
+        return torch.addmm(self.weight.to(exact), self.At.T.to(exact), self.Bt.to(exact)).mul_(self.scale)
 
     def state(self):
         k = self.rank + self.used

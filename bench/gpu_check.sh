@@ -2,7 +2,8 @@
 # The half-precision checks that need a GPU, in one go (planned to take under 8 minutes on one GPU), after
 # `bash install.sh`: the CUDA tests (drift at lr 0 through training, checkpoints and resume in fp16 and
 # bf16; the side path and merges on CUDA), drift at lr 0 of real SmolLM2 weights in fp16 and bf16 on
-# CUDA, and the step benchmark for the OPT-125m and OPT-1.3b shapes in fp16.
+# CUDA, the side path of zoo models in fp16 and bf16, its cost at the launch-bound shape (batch 1×8), and
+# the step benchmark for the OPT-125m and OPT-1.3b shapes in fp16.
 # Everything it writes lands in result/gpu_check/ (OUT overrides), with the log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +12,11 @@ mkdir -p "$OUT"
 export LOZO_DATA_DIR=${LOZO_DATA_DIR:-$(cd .. && pwd)/shared/data}
 {
     nvidia-smi -L
-    python -m pytest -q -m cuda tests/test_half_precision.py
+    python -m pytest -q -m cuda tests/test_half_precision.py tests/test_model_zoo.py
+    for shape in opt-125m opt-1.3b; do
+        python bench/side_path.py --model "shape:$shape" --device cuda --dtype float16 --batch 1 --seq 8 \
+            --out "$OUT/side_path-$shape-cuda-float16.json"
+    done
     python bench/half_precision.py drift --device cuda --out "$OUT/half_precision_drift.json"
     for shape in opt-125m opt-1.3b; do
         python bench/zo_step.py --model "shape:$shape" --device cuda --dtype float16 --batch 16 --seq 256 \

@@ -391,6 +391,14 @@ BAD_INPUTS = {
     "zo-eps-0": (["--zo_eps", "0"], ["--zo_eps"]),
     "beta1-1": (["--beta1", "1.0"], ["--beta1"]),
     "merge-periods-0": (["--merge_periods", "0"], ["--merge_periods"]),
+    "compiled-lozo": (
+        ["--trainer", "LOZO", "--torch_compile", "--train_set_seed", "0"],
+        ["--torch_compile", "LOZO"],
+    ),
+    "train-sets-with-a-trainer": (
+        ["--trainer", "zo", "--num_train_sets", "3"],
+        ["--num_train_sets", "--train_set_seed"],
+    ),
     "in-place-lozo": (
         ["--trainer", "LOZO", "--zo_in_place", "--train_set_seed", "0"],
         ["--zo_in_place", "--trainer zo"],

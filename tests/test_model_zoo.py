@@ -109,3 +109,33 @@ def test_lozo_runs_train_and_save(model_type, method, zoo_dirs, data_dir, tmp_pa
     assert changed and all(torch.isfinite(saved[k]).all() for k in saved)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert torch.isfinite(reloaded(input_ids=IDS).logits).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("model_type", ["opt", "gpt2", "falcon", "gemma", "mixtral"])
+@torch.no_grad()
+def test_on_cuda_the_side_path_in_half_precision_follows_the_effective_weights(model_type, dtype):
+    """On a GPU the side term runs in the weights' dtype (float16 with V's columns at unit length): its
+    logits at θ+εZ are those of a float32 copy holding the effective weights, to the dtype's rounding."""
+    model = tiny_model(model_type, VOCAB).to("cuda", dtype)
+    optimizer = lozo_optimizer(model)
+    ids = IDS.cuda()
+    for g in [0.7, -1.1, 0.4, 2.0]:
+        optimizer.begin_step()
+        for position in (+1, -1):
+            optimizer.move_to(position)
+            model(input_ids=ids)
+        optimizer.set_projected_grad(g)
+        optimizer.step()
+    optimizer.begin_step()
+    optimizer.move_to(+1)
+    assert all(not m.mirrored and m.left.dtype == dtype for m in optimizer.matrices.values())
+    plain = tiny_model(model_type, VOCAB).cuda()
+    plain.load_state_dict(
+        {n: optimizer.effective_weight(p) for n, p in model.named_parameters()}, strict=False
+    )
+    actual, expected = model(input_ids=ids).logits.float(), plain(input_ids=ids).logits
+    assert torch.isfinite(actual).all()
+    assert (actual - expected).norm() <= 0.02 * expected.norm()

@@ -1,0 +1,149 @@
+"""What the side path follows besides the typed modules (a parent reading a child's weight, peft's LoRA
+embedding), what it refuses, what a save writes, and float16 on real activations."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from utils import UsageError
+from zo_optimizer import ZOOptimizer
+
+
+def lozo(model, **kwargs):
+    names = {id(p): n for n, p in model.named_parameters()}
+    settings = dict(lr=0.05, eps=0.01, seed=3, low_rank=True, step_interval=1, merge_periods=4) | kwargs
+    optimizer = ZOOptimizer([p for p in model.parameters() if p.requires_grad], names=names, **settings)
+    optimizer.attach(model)
+    return optimizer
+
+
+def steps(optimizer, model, inputs, grads=(0.9, -1.3, 0.5)):
+    for g in grads:
+        optimizer.begin_step()
+        for position in (+1, -1):
+            optimizer.move_to(position)
+            model(**inputs)
+        optimizer.set_projected_grad(g)
+        optimizer.step()
+
+
+class ParentReadsChild(torch.nn.Module):
+    """A head that is the embedding read by its parent with F.linear (weights reused outside the module that
+    owns them), and a child module whose own weight is read by a sibling's forward too."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(20, 8)
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, ids):
+        h = torch.tanh(self.proj(self.emb(ids)))
+        h = h + F.linear(h, self.proj.weight.T.contiguous())  # the transposed weight, as x·W
+        return F.linear(h, self.emb.weight)
+
+
+@torch.no_grad()
+def test_weights_read_outside_their_module_get_the_side_term():
+    model, plain = ParentReadsChild(), ParentReadsChild()
+    ids = torch.tensor([[1, 5, 7, 19]])
+    optimizer = lozo(model)
+    steps(optimizer, model, {"ids": ids})
+    optimizer.begin_step()
+    optimizer.move_to(+1)
+    plain.load_state_dict({n: optimizer.effective_weight(p) for n, p in model.named_parameters()})
+    torch.testing.assert_close(model(ids), plain(ids), rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_peft_lora_on_embeddings_and_attention_computes_the_effective_weights(tiny_llama_dir):
+    """peft's LoRA embedding keeps A and B in ParameterDicts read as F.embedding(x, A.T) and x @ B.T."""
+
+    def load():
+        config = LoraConfig(r=2, target_modules=["embed_tokens", "q_proj", "v_proj"], init_lora_weights=False)
+        torch.manual_seed(1)
+        return get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval(), config)
+
+    model, plain = load(), load()
+    ids = torch.tensor([[2, 100, 2000, 31, 4000, 7]])
+    optimizer = lozo(model)
+    lora_embedding = [n for n, p in model.named_parameters() if "lora_embedding" in n]
+    assert len(lora_embedding) == 2 and all(p.dim() == 2 for p in optimizer.side_path.parameters())
+    steps(optimizer, model, {"input_ids": ids})
+    for position in (+1, 0):
+        optimizer.begin_step() if position else None
+        optimizer.move_to(position)
+        weights = {n: optimizer.effective_weight(p) for n, p in model.named_parameters() if p.requires_grad}
+        plain.load_state_dict(weights, strict=False)
+        torch.testing.assert_close(
+            model(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-6
+        )
+
+
+def test_a_matrix_the_forward_never_reads_is_refused():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    model.unused = torch.nn.Parameter(torch.randn(3, 3))
+    optimizer = lozo(model)
+    optimizer.begin_step()
+    optimizer.move_to(+1)
+    with pytest.raises(
+        UsageError, match=r"cannot train unused: the model's forward never reads it.*--trainer zo"
+    ):
+        model(torch.randn(2, 4))
+
+
+@torch.no_grad()
+def test_save_pretrained_and_state_dict_between_steps_hold_the_effective_weights(tiny_opt_dir, tmp_path):
+    """A save mid-run (a callback, user code) settles first: what it writes is what the model computes
+    with, and the run goes on computing with the same weights."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_opt_dir, dtype=torch.bfloat16).eval()
+    ids = torch.tensor([[2, 100, 2000, 31, 4000, 7]])
+    optimizer = lozo(model, lr=1e-3, merge_periods=8)
+    steps(optimizer, model, {"input_ids": ids})
+    assert any(m.active for m in optimizer.matrices.values())  # updates live in the factors, unmerged
+    logits = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    for name, param in model.named_parameters():
+        if name in saved:
+            assert torch.equal(saved[name], param.detach()), name
+    assert not any(m.active for m in optimizer.matrices.values())  # settled: the weights hold everything
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, logits, rtol=0.02, atol=0.02)
+    steps(optimizer, model, {"input_ids": ids}, grads=(0.2,))  # and training goes on
+
+
+@torch.no_grad()
+def test_float16_side_path_stays_finite_and_close_on_real_activations(smollm2_dir):
+    """On a GPU float16 computes the side term in float16 (no float32 copy of the input, no float32 output):
+    V's columns are scaled to unit length, so x·V is bounded by |x|. With that arithmetic (forced here on the
+    CPU) on SmolLM2's real activations at θ+εZ, with the widest side path a run carries, the logits equal
+    float32's to float16's precision."""
+    ids = torch.tensor([[1, 504, 3458, 314, 253, 1345, 30, 378, 4473, 314]])
+    logits = {}
+    for dtype in (torch.float32, torch.float16):
+        model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=dtype).eval()
+        optimizer = lozo(model, lr=1e-6, eps=1e-3, merge_periods=4)
+        for matrix in optimizer.matrices.values():
+            matrix.mirrored = False  # the products in float16, as a GPU computes them
+        for _ in range(3):
+            optimizer.begin_step()
+            optimizer.move_to(+1)
+            optimizer.move_to(-1)
+            optimizer.set_projected_grad(50.0)
+            optimizer.step()
+        optimizer.begin_step()
+        optimizer.move_to(+1)
+        if dtype == torch.float16:
+            matrix = next(iter(optimizer.matrices.values()))
+            assert matrix.left.dtype == matrix.right.dtype == torch.float16 and not matrix.mirrored
+            assert torch.allclose(
+                matrix.right[: matrix.rank].float().norm(dim=1), torch.ones(matrix.rank), atol=1e-3
+            )
+        logits[dtype] = model(input_ids=ids).logits.float()
+    assert torch.isfinite(logits[torch.float16]).all()
+    error = (logits[torch.float16] - logits[torch.float32]).norm() / logits[torch.float32].norm()
+    assert error < 5e-3, error
