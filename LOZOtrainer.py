@@ -93,6 +93,7 @@ class LowRankTrainer(Trainer):
                     step_interval=args.step_interval,
                     momentum=args.beta1 if lozo and args.lozo_optimizer == "sgdm" else None,
                     in_place=args.zo_in_place,
+                    master_weights=args.zo_master_weights,
                     merge_periods=args.merge_periods,
                     names={id(p): n for n, p in (model or self.model).named_parameters()},
                     replayable=self.saves_trajectories,

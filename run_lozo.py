@@ -131,8 +131,14 @@ class OurArguments(TrainingArguments):
     )
     zo_in_place: bool = option(
         False,
-        "MeZO: perturb and update the weights in place as MeZO's code does (inference memory, but every "
-        "perturbation rounds and the weights drift); by default a float32 master copy makes it exact",
+        "MeZO: perturb and update the weights in place as MeZO's code does (every perturbation rounds and "
+        "half-precision weights drift); by default each module computes with its perturbed weights built "
+        "for its own forward, and the weights change only by the update",
+    )
+    zo_master_weights: bool = option(
+        False,
+        "MeZO: keep a float32 master copy of the weights (+4 bytes a weight) that takes the update exactly; "
+        "by default half-precision weights take it with stochastic rounding (inference memory)",
     )
     non_diff: bool = option(
         False, "zeroth-order only: train on minus the F1 of generated answers (SQuAD, DROP)"
@@ -240,6 +246,11 @@ def validate_arguments(args):
         (args.zo_eps > 0, f"--zo_eps must be > 0, got {args.zo_eps}"),
         (0 <= args.beta1 < 1, f"--beta1 must be in [0, 1), got {args.beta1}"),
         (args.merge_periods >= 1, f"--merge_periods must be >= 1, got {args.merge_periods}"),
+        (
+            not (args.zo_master_weights and (args.trainer != "zo" or args.zo_in_place)),
+            "--zo_master_weights is a MeZO option (--trainer zo) and excludes --zo_in_place; LOZO always "
+            "keeps float32 masters of its vectors",
+        ),
         (
             not (args.zo_in_place and args.trainer != "zo"),
             "--zo_in_place is MeZO's arithmetic (--trainer zo); LOZO never writes perturbations into its "

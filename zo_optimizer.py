@@ -31,7 +31,8 @@ import math
 import numpy as np
 import torch
 
-from side_path import CHUNK, LowRankMatrix, SidePath
+from dense_path import DensePath
+from side_path import CHUNK, LowRankMatrix, SidePath, stochastic_round
 from utils import UsageError
 
 logger = logging.getLogger(__name__)
@@ -111,9 +112,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         merge_periods=8,
         names=None,
         replayable=False,
+        master_weights=False,
     ):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         self.eps, self.seed, self.low_rank, self.in_place = eps, seed, low_rank, in_place
+        # Dense tensors (MeZO's; LOZO's biases and norms): a float32 master copy (LOZO always, MeZO with
+        # master_weights), written in place (in_place), or else perturbed module by module (`DensePath`).
+        self.master_weights = master_weights or (low_rank and not in_place)
         self.rank, self.step_interval, self.beta = rank, step_interval, momentum
         self.merge_periods = merge_periods
         self.replayable = replayable  # hash the starting weights (a full pass over them), so `record` works
@@ -137,18 +142,18 @@ class ZOOptimizer(torch.optim.Optimizer):
         # Everything that retakes this run from its starting weights without a forward pass (`replay`): a
         # hash of those weights, every step's g and learning rates, and the steps at which settle() rounded.
         self.trajectory = {"start": None, "steps": [], "settled_at": []}
-        self.model, self.side_path, self.settle_hook = None, None, None
+        self.model, self.side_path, self.dense_path, self.settle_hook = None, None, None, None
         self._acquire()
 
     def _acquire(self):
         self.released = False
-        if not self.in_place:
+        if self.master_weights:
             self.masters = {
                 i: p.detach().to(torch.promote_types(p.dtype, torch.float32), copy=True)
                 for i, p in self.tensors
                 if i not in self.keys
             }
-        if self.model is not None and self.side_path is None:
+        if self.model is not None and self.settle_hook is None:
             self.attach(self.model)
 
     def settings(self):
@@ -161,6 +166,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             "eps": self.eps,
             "seed": self.seed,
             "in_place": self.in_place,
+            "master_weights": self.master_weights,
             "merge_periods": self.merge_periods,
         }
 
@@ -168,24 +174,36 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Give `model` LOZO's side path (its forward computes with the effective weights), and make a
         state_dict() of it between steps (save_pretrained, torch.save) settle first, so it holds them."""
         self.model = model
-        if self.side_path is not None or not self.matrices:
+        if self.settle_hook is not None:
+            return
+        self.settle_hook = model.register_state_dict_pre_hook(self._settle_before_saving)
+        if self.transient:
+            tensors = {id(p): i for i, p in self.tensors if i in self.transient}
+            self.dense_path = DensePath(model, self, tensors, self.names)
+        if not self.matrices:
             return
         by_id = {}
         for i, keys in self.keys.items():
             matrices = [self.matrices[key] for key in keys]
             by_id[id(self.tensors[i][1])] = matrices if isinstance(keys[0], tuple) else matrices[0]
         self.side_path = SidePath(model, by_id, self.names)
-        self.settle_hook = model.register_state_dict_pre_hook(self._settle_before_saving)
 
     def _settle_before_saving(self, module, prefix, keep_vars):
         if self.position == 0:  # between steps (mid-step, the weights are the step's business)
             self.settle()
 
+    @property
+    def transient(self):
+        """Indices of the dense tensors perturbed module by module (MeZO's default)."""
+        if self.in_place or self.master_weights:
+            return set()
+        return {i for i, _ in self.tensors if i not in self.keys}
+
     def _detach(self):
-        if self.side_path is not None:
-            self.side_path.remove()
-            self.settle_hook.remove()
-        self.side_path, self.settle_hook = None, None
+        for path in (self.side_path, self.dense_path, self.settle_hook):
+            if path is not None:
+                path.remove()
+        self.side_path, self.dense_path, self.settle_hook = None, None, None
 
     def _seed(self, key, step=None):
         """Seed of tensor (or matrix key) `key`'s U or dense z at `step` (default: the current step)."""
@@ -230,10 +248,19 @@ class ZOOptimizer(torch.optim.Optimizer):
                     self.matrices[key].move_to(position)
             elif i in self.masters:
                 self._write_from_master(i, p, position)
-            elif delta:  # MeZO in place: every move rounds
+            elif delta and self.in_place:  # MeZO in place: every move rounds
                 for start, z in dense_noise(p.numel(), self._seed(i), p.device):
                     p.data.view(-1)[start : start + len(z)].add_(z, alpha=delta * self.eps)
         self.position = position
+
+    def perturbed(self, i, weights, position):
+        """round(W + position·εz) of tensor i in a new tensor like `weights`: what a module computes with
+        during its forward under `DensePath` (one module's weights at a time)."""
+        out, flat = torch.empty_like(weights), weights.view(-1)
+        for start, z in dense_noise(weights.numel(), self._seed(i), weights.device):
+            end = start + len(z)
+            torch.add(flat[start:end], z, alpha=position * self.eps, out=out.view(-1)[start:end])
+        return out
 
     def _write_from_master(self, i, p, position):
         """p ← master + position·εz, rounded to p's dtype once."""
@@ -286,16 +313,22 @@ class ZOOptimizer(torch.optim.Optimizer):
         return torch.zeros_like(gU) if N is None else N
 
     def _step_dense(self, i, p, g, lr, decay, restore, finite):
-        """One pass: from θ + (−restore)·εz (in place) or from the master, W ← decay·W − η(g·z or m)."""
+        """One pass, W ← decay·W − η(g·z or m): on the master (then copied into the weights), on the weights
+        in place (undoing the perturbation too), or for a tensor perturbed module by module on the weights
+        computed in float32 and rounded once, stochastically in half precision (rounding to nearest would
+        drop every update under half a unit in the last place, most of MeZO's at lr 1e-6 in bf16)."""
         first = self.beta is not None and i not in self.momentum and finite
         if first:  # m₀ = g₀z₀, as N₀ = g₀U₀
             self.momentum[i] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
         momentum = self.momentum.get(i)  # only LOZO-M / MeZO with momentum keep any
         master = self.masters.get(i)
         weights = (p.data if master is None else master).view(-1)
-        back = decay * restore * self.eps if master is None else 0.0  # in place: undo the perturbation too
+        back = decay * restore * self.eps if self.in_place else 0.0  # in place: undo the perturbation too
+        rounded = master is None and not self.in_place and p.dtype != torch.float32
+        generator = self._rounding(i) if rounded else None
         for start, z in dense_noise(p.numel(), self._seed(i, self.zo_step), p.device):
-            w = weights[start : start + len(z)]
+            stored = weights[start : start + len(z)]
+            w = stored.float() if rounded else stored
             if decay != 1.0:
                 w.mul_(decay)
             if momentum is None:
@@ -307,7 +340,9 @@ class ZOOptimizer(torch.optim.Optimizer):
                 if back:
                     w.add_(z, alpha=back)
                 w.add_(m, alpha=-lr)
-            if master is not None:
+            if rounded:
+                stored.copy_(stochastic_round(w, stored.dtype, generator))
+            elif master is not None:
                 p.data.view(-1)[start : start + len(z)].copy_(w)
 
     @torch.no_grad()
@@ -336,8 +371,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         if i in self.keys:
             weights = [self.matrices[key].effective() for key in self.keys[i]]
             return weights[0] if p.dim() == 2 else torch.stack(weights)
+        exact = torch.promote_types(p.dtype, torch.float32)
+        if i in self.transient and self.position:
+            return self.perturbed(i, p.detach(), self.position).to(exact)
         weight = self.masters[i] if i in self.masters else p.detach()
-        weight = weight.to(torch.promote_types(weight.dtype, torch.float32), copy=True)
+        weight = weight.to(exact, copy=True)
         if i in self.masters and self.position:
             z = torch.cat([z.clone() for _, z in dense_noise(p.numel(), self._seed(i), p.device)])
             weight.add_(z.view(p.shape), alpha=self.position * self.eps)
@@ -386,6 +424,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.trajectory = zo.get("trajectory", {"start": None, "steps": [], "settled_at": []})
         self.momentum = {as_key(k): m.to(device[as_tuple(as_key(k))[0]]) for k, m in zo["momentum"].items()}
         for i, master in zo.get("masters", {}).items():
+            if int(i) not in self.masters:
+                raise UsageError(
+                    "the checkpoint holds float32 master weights (MeZO before inference-memory training); "
+                    "resume it with --zo_master_weights"
+                )
             self.masters[int(i)].copy_(master)
         if "matrices" in zo:
             for key, matrix_state in zo["matrices"].items():

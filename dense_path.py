@@ -1,0 +1,137 @@
+"""MeZO's dense perturbation at inference memory, without ever writing it into the weights.
+
+A module that owns trainable weights computes, during its own forward, with round(W + position·εz): the
+weights' data is swapped for a buffer holding that sum (built in chunks from the same seeded z the update
+uses) when its forward starts and swapped back when it ends. So one module's weights are copied at a time,
+θ itself is written only by the update, and at learning rate 0 it stays bit for bit what it was, in any
+dtype. A weight read by another module than its owner (at a perturbed forward) would be read unperturbed:
+the first perturbed forward is watched, and such a read is a one-line error naming the weight, the module
+and the ways out (`--zo_master_weights`, `--zo_in_place`), which perturb the weights themselves.
+"""
+
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
+from side_path import METADATA, METADATA_PROPERTIES, function_name
+from utils import UsageError
+
+
+class DensePath:
+    """Swaps each trainable tensor of `tensors` (id of a parameter -> its optimizer index) for its perturbed
+    copy during the forward of the modules that own it, while `optimizer.position` is not 0."""
+
+    def __init__(self, model, optimizer, tensors, names):
+        self.model, self.optimizer, self.tensors, self.names = model, optimizer, tensors, names
+        self.owned = {}  # module -> ids of the tensors it owns
+        for module in model.modules():
+            own = [id(p) for p in module.parameters(recurse=False) if id(p) in tensors]
+            if own:
+                self.owned[module] = own
+        self.params = {id(p): p for p in model.parameters() if id(p) in tensors}
+        self.swapped = {}  # id -> [the weights' own data, how many owners' forwards are running]
+        self.watched, self.watching, self.stack, self.hooks = False, False, [], []
+        self.busy = False  # swapping (its own reads of the weights are not the model's)
+        self.install()
+
+    def install(self):
+        for module in self.owned:
+            self.hooks.append(module.register_forward_pre_hook(self._swap))
+            self.hooks.append(module.register_forward_hook(self._restore, always_call=True))
+        if not self.watched:
+            self.hooks.append(self.model.register_forward_pre_hook(self._watch))
+            self.hooks.append(self.model.register_forward_hook(self._unwatch, always_call=True))
+
+    def remove(self):
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks = []
+
+    def _swap(self, module, args):
+        position = self.optimizer.position
+        if not position:
+            return
+        self.busy = True
+        for param_id in self.owned[module]:
+            entry = self.swapped.get(param_id)
+            if entry is not None:  # tied: another owner's forward already swapped it
+                entry[1] += 1
+                continue
+            param = self.params[param_id]
+            own = param.data
+            param.data = self.optimizer.perturbed(self.tensors[param_id], own, position)
+            self.swapped[param_id] = [own, 1]
+        self.busy = False
+
+    def _restore(self, module, args, output):
+        for param_id in self.owned[module]:
+            entry = self.swapped.get(param_id)
+            if entry is None:
+                continue
+            entry[1] -= 1
+            if entry[1] == 0:
+                self.busy = True
+                self.params[param_id].data = entry[0]
+                del self.swapped[param_id]
+                self.busy = False
+
+    # ---- the watched first perturbed forward ----
+
+    def _watch(self, model, args):
+        if self.watched or self.watching or not self.optimizer.position:
+            return
+        self.watching = True
+        self.stack = [model]  # the global hooks start inside the root's forward, but end around it
+        self.stack_hooks = [
+            register_module_forward_pre_hook(self._push),
+            register_module_forward_hook(self._pop, always_call=True),
+        ]
+        self.mode = UnswappedReads(self)
+        self.mode.__enter__()
+
+    def _push(self, module, args):
+        self.stack.append(module)
+
+    def _pop(self, module, args, output):
+        self.stack.pop()
+
+    def _unwatch(self, model, args, output):
+        if not self.watching:
+            return
+        self.mode.__exit__(None, None, None)
+        for handle in self.stack_hooks:
+            handle.remove()
+        self.stack, self.watching = [], False
+        self.watched = output is not None  # a failed forward: watch the next one
+        if self.watched:
+            self.remove()
+            self.install()
+
+    def refuse(self, param_id, reader):
+        name = self.names.get(param_id, "a trained tensor")
+        module = type(self.stack[-1]).__name__
+        raise UsageError(
+            f"MeZO cannot perturb {name} module by module: {module} reads it with {reader} outside the "
+            "module that owns it; add --zo_master_weights (a float32 master copy) or --zo_in_place"
+        )
+
+
+class UnswappedReads(TorchFunctionMode):
+    """The watched forward: a trained tensor read while no owner's forward has it swapped is refused."""
+
+    def __init__(self, dense_path):
+        super().__init__()
+        self.dense_path = dense_path
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        path = self.dense_path
+        if (
+            not path.busy
+            and func not in METADATA
+            and getattr(func, "__self__", None) not in METADATA_PROPERTIES
+        ):
+            for leaf in tree_leaves((args, kwargs)):
+                if id(leaf) in path.params and id(leaf) not in path.swapped and path.params[id(leaf)] is leaf:
+                    path.refuse(id(leaf), function_name(func))
+        return func(*args, **kwargs)

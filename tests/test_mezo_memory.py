@@ -1,0 +1,66 @@
+"""MeZO at inference memory: each module computes with round(W + position·εz) built for its own forward,
+the weights change only by the update, and a weight read outside its module is refused."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from utils import UsageError
+from zo_optimizer import ZOOptimizer
+
+IDS = torch.tensor([[2, 100, 2000, 31, 4000, 7], [2, 8, 9, 10, 11, 12]])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@torch.no_grad()
+def test_each_module_computes_with_its_rounded_perturbed_weights(dtype, tiny_opt_dir):
+    """At θ ± εZ the model's logits are, bit for bit, those of a copy whose weights are round(W ± εz) in
+    their dtype; the weights themselves never change, and no master copy exists."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_opt_dir, dtype=dtype).eval()
+    plain = AutoModelForCausalLM.from_pretrained(tiny_opt_dir, dtype=dtype).eval()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = ZOOptimizer(model.parameters(), lr=1e-3, eps=1e-2, seed=5)
+    optimizer.attach(model)
+    assert optimizer.transient and not optimizer.masters
+    optimizer.begin_step()
+    for position in (+1, -1):
+        optimizer.move_to(position)
+        logits = model(input_ids=IDS).logits
+        weights = {n: optimizer.effective_weight(p).to(dtype) for n, p in model.named_parameters()}
+        plain.load_state_dict(weights, strict=False)  # (the tied head is the embedding)
+        assert torch.equal(logits, plain(input_ids=IDS).logits)
+        assert all(torch.equal(p, start[n]) for n, p in model.named_parameters())
+    optimizer.set_projected_grad(2.0)
+    optimizer.step()
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, start[n])]
+    assert changed  # the update is the only write
+
+
+class ParentReadsChild(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 8)
+
+    def forward(self, ids):
+        return F.linear(self.emb(ids), self.emb.weight)  # the embedding read again, by its parent
+
+
+@torch.no_grad()
+def test_a_weight_read_outside_its_module_is_refused_with_the_ways_out():
+    model = ParentReadsChild()
+    optimizer = ZOOptimizer(model.parameters(), lr=1e-3, names={id(model.emb.weight): "emb.weight"})
+    optimizer.attach(model)
+    optimizer.begin_step()
+    model(torch.tensor([[1, 2]]))  # at θ: nothing to check yet
+    optimizer.move_to(+1)
+    with pytest.raises(
+        UsageError, match=r"emb\.weight.*ParentReadsChild reads it with linear.*--zo_master_weights"
+    ):
+        model(torch.tensor([[1, 2]]))
+    optimizer.release()
+    master = ZOOptimizer(model.parameters(), lr=1e-3, master_weights=True)
+    master.attach(model)
+    master.begin_step()
+    master.move_to(+1)
+    model(torch.tensor([[1, 2]]))  # a float32 master perturbs the weights themselves: any read sees it
