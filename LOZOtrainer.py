@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import shutil
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -36,12 +37,32 @@ from zo_optimizer import U_STREAM, V_STREAM, ZOOptimizer, gaussian, stream_seed 
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class ZOArguments:
+    """The zeroth-order settings of `LowRankTrainer`, for scripts that pass HF's own `TrainingArguments`
+    (run_lozo.py's arguments carry the same fields, with the same defaults, as command-line options)."""
+
+    trainer: str = "LOZO"  # "LOZO" (LOZO, LOZO-M), "zo" (MeZO) or "regular" (HF's first-order step)
+    zo_eps: float = 1e-3  # perturbation scale ε
+    rank_r: int = 2  # LOZO: rank r of U·Vᵀ
+    step_interval: int = 50  # LOZO: ν, V is redrawn every ν steps
+    lozo_optimizer: str = "sgd"  # "sgdm": LOZO-M
+    beta1: float = 0.9  # LOZO-M: momentum β
+    merge_periods: int = 8  # LOZO: V periods kept as factors before they are written into the weights
+    zo_in_place: bool = False  # MeZO: MeZO's own in-place arithmetic
+    zo_master_weights: bool = False  # MeZO: a float32 master copy of the weights
+    zo_trajectory_checkpoints: bool = False  # checkpoints record the steps, not the weights
+    save_on_interrupt: bool = False  # SIGTERM / SIGUSR1: checkpoint after this step and stop
+    padding_free: bool = True  # pack a batch's sequences side by side (sdpa attention)
+
+
 class LowRankTrainer(Trainer):
     """`--trainer regular` trains with the stock HF path; `zo` (MeZO) and `LOZO` (LOZO, LOZO-M) replace the
     training step by two forward passes. All trainers share MeZO's losses (`utils.option_loss`), and
     evaluation during training runs `evaluate_func` (the task metric on the dev samples)."""
 
-    def __init__(self, *args, evaluate_func=None, tokenizer_for_generation=None, **kwargs):
+    def __init__(self, *args, zo_args=None, evaluate_func=None, tokenizer_for_generation=None, **kwargs):
+        self._zo_args = zo_args  # else the zeroth-order settings are read from `args` (run_lozo.py's)
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = False  # compute_loss averages itself; HF divides by accumulation
         self.evaluate_func = evaluate_func
@@ -53,19 +74,24 @@ class LowRankTrainer(Trainer):
         if self.is_zo:
             # A skipped step reports the last finite loss (or NaN before any); HF's filter would log it as 0.
             self.args.logging_nan_inf_filter = False
-        self.interrupt = SaveOnInterruptCallback() if self.args.save_on_interrupt else None
+        self.interrupt = SaveOnInterruptCallback() if self.zo.save_on_interrupt else None
         if self.interrupt is not None:
             self.add_callback(self.interrupt)
         self._staging = False
 
     @property
+    def zo(self):
+        """The zeroth-order settings: `zo_args`, or `args` when run_lozo.py's arguments carry them."""
+        return self._zo_args if self._zo_args is not None else self.args
+
+    @property
     def is_zo(self):
-        return self.args.trainer in ("zo", "LOZO")
+        return self.zo.trainer in ("zo", "LOZO")
 
     @property
     def saves_trajectories(self):
         """--zo_trajectory_checkpoints: a checkpoint holds the steps taken, not the weights they made."""
-        return self.is_zo and getattr(self.args, "zo_trajectory_checkpoints", False)
+        return self.is_zo and self.zo.zo_trajectory_checkpoints
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
@@ -80,14 +106,14 @@ class LowRankTrainer(Trainer):
 
     def create_optimizer(self, model=None):
         if self.is_zo and self.optimizer is None:
-            args = self.args
+            args = self.zo
             lozo = args.trainer == "LOZO"
             self.optimizer_cls_and_kwargs = (
                 ZOOptimizer,
                 dict(
-                    lr=args.learning_rate,
+                    lr=self.args.learning_rate,
                     eps=args.zo_eps,
-                    seed=args.seed,
+                    seed=self.args.seed,
                     low_rank=lozo,
                     rank=args.rank_r,
                     step_interval=args.step_interval,
@@ -111,7 +137,7 @@ class LowRankTrainer(Trainer):
         """(summed loss, number of items) of a batch, so that batches can be combined exactly."""
         if "gold" in inputs:
             return self.negative_f1_sum(model, inputs)
-        pack = getattr(self.args, "padding_free", True)
+        pack = self.zo.padding_free
         return model_option_loss(model, inputs, self.pad_token_id, reduction="sum", pack=pack)
 
     @property
@@ -314,7 +340,7 @@ class LowRankTrainer(Trainer):
     def _projected_grad(self):
         sums = self.reduce_loss_sums(self._loss_sums)
         loss_plus, loss_minus = (sums[:2] / sums[2]).tolist()
-        projected_grad = (loss_plus - loss_minus) / (2 * self.args.zo_eps)
+        projected_grad = (loss_plus - loss_minus) / (2 * self.zo.zo_eps)
         if not math.isfinite(projected_grad):
             logger.warning(
                 "step %d: non-finite loss (L+=%s, L-=%s), update skipped (%d skipped so far)",

@@ -18,10 +18,11 @@ does not depend on them) over every tensor of a few SmolLM2 decoder layers (`--l
 * extra memory: the optimizer's largest state over the run (float32 masters, LOZO's factors, momentum),
   as a fraction of the weights' own bytes in that dtype.
 
-Modes: "exact" is the project's default (LOZO: low-rank side path and float32 vectors; MeZO: a float32
-master copy); "in-place" is the arithmetic that writes θ ± εZ into the weights — MeZO's `--zo_in_place`,
+Modes: "default" is the project's default (LOZO: low-rank side path and float32 vectors; MeZO: each module
+perturbed for its own forward, the update stochastically rounded); "master" is MeZO's `--zo_master_weights`
+(a float32 master copy); "in-place" writes θ ± εZ into the weights — MeZO's `--zo_in_place`,
 and for LOZO a restatement of this repository's earlier step (perturb, restore and update with addmm_ in
-the weights' dtype), kept here as the reference the exact mode replaced.
+the weights' dtype), kept here as the reference the default mode replaced.
 """
 
 import argparse
@@ -42,6 +43,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 LRS = (2e-5, 1e-6, 1e-7)
 EPS, SEED, DRIFT_STEPS = 1e-3, 0, 300
 METHODS = {"LOZO": dict(low_rank=True), "LOZO-M": dict(low_rank=True, momentum=0.9), "MeZO": {}}
+MODES = {  # each method's arithmetic modes, and what selects them
+    "LOZO": {"default": {}, "in-place": {}},
+    "LOZO-M": {"default": {}, "in-place": {}},
+    "MeZO": {"default": {}, "master": dict(master_weights=True), "in-place": dict(in_place=True)},
+}
 
 
 class InPlaceLOZO:
@@ -113,9 +119,8 @@ def replay(weights, method, mode, dtype, lr, grads, steps):
     if mode == "in-place" and method != "MeZO":
         optimizer = InPlaceLOZO(params, lr, momentum=METHODS[method].get("momentum"))
     else:
-        optimizer = ZOOptimizer(
-            params, lr=lr, eps=EPS, seed=SEED, in_place=mode == "in-place", **METHODS[method]
-        )
+        settings = METHODS[method] | MODES[method][mode]
+        optimizer = ZOOptimizer(params, lr=lr, eps=EPS, seed=SEED, **settings)
     largest = 0
     for step in range(steps):
         g = grads[step % len(grads)]
@@ -174,8 +179,8 @@ def measure(opts):
     weights = [w.to(opts.device) for w in load_weights(opts.model, [int(x) for x in opts.layers.split(",")])]
     print(f"{sum(w.numel() for w in weights) / 1e6:.1f}M weights, {len(grads)} gradients", file=sys.stderr)
     rows = []
-    for method in METHODS:
-        for mode in ("exact", "in-place"):
+    for method in opts.methods.split(","):
+        for mode in MODES[method]:
             references = {}
             for dtype_name in DTYPES:
                 dtype, began = getattr(torch, dtype_name), time.time()
@@ -183,8 +188,8 @@ def measure(opts):
                 row |= drift(weights, method, mode, dtype)
                 for lr in LRS if opts.command == "measure" else ():
                     for steps in (
-                        (100, 1000) if method != "MeZO" else (100,)
-                    ):  # MeZO: 3 draws of all weights a step
+                        (100, 1000) if method != "MeZO" else (100, opts.mezo_steps)
+                    ):  # MeZO draws all weights up to 3 times a step
                         if dtype == torch.float32:
                             start, end, _, _ = replay(weights, method, mode, dtype, lr, grads, steps)
                             references[lr, steps] = difference(end, start)
@@ -266,6 +271,8 @@ def main():
     parser.add_argument("--grads", default=str(GRADS), help="recorded projected gradients (JSON)")
     parser.add_argument("--out", default=str(REPO / "result" / "bench" / "half_precision.json"))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated: LOZO, LOZO-M, MeZO")
+    parser.add_argument("--mezo_steps", type=int, default=1000, help="MeZO's longer replay (steps)")
     opts = parser.parse_args()
     if opts.threads:
         torch.set_num_threads(opts.threads)

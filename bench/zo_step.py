@@ -3,13 +3,14 @@
     python bench/zo_step.py --model models/SmolLM2-135M --batch 16 --seq 40 --dtype bfloat16
     python bench/zo_step.py --model shape:opt-125m --device cuda --dtype float16
 
-Methods (--methods, comma-separated): forward, LOZO, LOZO-M, MeZO, MeZO-in-place, LOZO-released,
+Methods (--methods, comma-separated): forward, LOZO, LOZO-M, MeZO, MeZO-master, MeZO-in-place, LOZO-released,
 MeZO-released, FT-AdamW, LOZO-r1, LOZO-r2, LOZO-r4, LOZO-r8.
 
 Each method runs in a fresh process (so its peak memory is its own): after warm-up, the median of
 --steps timed steps. "forward" is one forward pass computing the training loss on the batch in inference
-mode, the unit the ZO methods are measured in (a ZO step needs two). LOZO, LOZO-M, MeZO (float32 master
-copy) and MeZO-in-place (--zo_in_place) run the project's own step (LowRankTrainer.zo_training_step +
+mode, the unit the ZO methods are measured in (a ZO step needs two). LOZO, LOZO-M, MeZO (each module
+perturbed for its own forward), MeZO-master (--zo_master_weights: a float32 master copy) and MeZO-in-place
+(--zo_in_place) run the project's own step (LowRankTrainer.zo_training_step +
 ZOOptimizer.step); the "-released" methods re-state the released code's formulation (out-of-place
 `param.data = param.data + ...`, perturb, restore and update as separate passes); FT-AdamW is the stock
 HF training step with AdamW. LOZO's steps are timed with merge_periods − 1 finished periods not yet
@@ -52,7 +53,11 @@ SHAPES = {  # OPTConfig values of the released checkpoints; weights are random
     ),
     "opt-1.3b": dict(hidden_size=2048, num_hidden_layers=24, ffn_dim=8192, num_attention_heads=32),
 }
-METHODS = ["forward", "LOZO", "LOZO-M", "MeZO", "MeZO-in-place", "LOZO-released", "MeZO-released", "FT-AdamW"]
+METHODS = [
+    "forward",
+    *("LOZO", "LOZO-M", "MeZO", "MeZO-master", "MeZO-in-place"),
+    *("LOZO-released", "MeZO-released", "FT-AdamW"),
+]
 METHODS += [f"LOZO-r{r}" for r in (1, 2, 4, 8)]
 LR, EPS, SEED = 1e-6, 1e-3, 0
 
@@ -103,13 +108,17 @@ def make_trainer(model, tokenizer, method, batch, output_dir):
     import run_lozo
     from LOZOtrainer import LowRankTrainer
 
-    trainer_name = {"MeZO": "zo", "MeZO-in-place": "zo", "FT-AdamW": "regular"}.get(method, "LOZO")
+    trainer_name = {"MeZO": "zo", "MeZO-master": "zo", "MeZO-in-place": "zo", "FT-AdamW": "regular"}.get(
+        method, "LOZO"
+    )
     argv = ["--output_dir", output_dir, "--trainer", trainer_name, "--learning_rate", str(LR)]
     argv += ["--zo_eps", str(EPS), "--train_set_seed", "0", "--per_device_train_batch_size", str(batch)]
     if method == "LOZO-M":
         argv += ["--lozo_optimizer", "sgdm"]
     if method == "MeZO-in-place":
         argv += ["--zo_in_place"]
+    if method == "MeZO-master":
+        argv += ["--zo_master_weights"]
     if method.startswith("LOZO-r"):
         argv += ["--rank_r", method.removeprefix("LOZO-r")]
     if model.device.type == "cpu":
@@ -202,16 +211,17 @@ def run_worker(opts):
         return model_option_loss(model, batch, pad)
 
     def reference_forward():  # the unit, measured beside each step: a busy shared machine slows both alike
-        side_path = optimizer.side_path if optimizer is not None else None
-        if side_path is not None:  # the plain model's forward, without LOZO's side path
-            side_path.remove()
+        paths = [getattr(optimizer, name, None) for name in ("side_path", "dense_path")]
+        paths = [path for path in paths if path is not None]
+        for path in paths:  # the plain model's forward, without LOZO's side path or MeZO's swaps
+            path.remove()
         training = model.training
         model.eval()
         with torch.inference_mode():
             loss()
         model.train(training)
-        if side_path is not None:
-            side_path.install()
+        for path in paths:
+            path.install()
 
     method, step, weight_passes, optimizer = opts.worker, 0, None, None
     if method == "forward":

@@ -139,3 +139,22 @@ def test_on_cuda_the_side_path_in_half_precision_follows_the_effective_weights(m
     actual, expected = model(input_ids=ids).logits.float(), plain(input_ids=ids).logits
     assert torch.isfinite(actual).all()
     assert (actual - expected).norm() <= 0.02 * expected.norm()
+
+
+@pytest.mark.parametrize("model_type", list(ZOO))
+@torch.no_grad()
+def test_mezo_perturbs_every_module_of_every_architecture(model_type):
+    """MeZO at inference memory on each architecture: at θ±εZ the logits are exactly those of a copy holding
+    round(W ± εz), and no weight is written before the update."""
+    model = tiny_model(model_type, VOCAB)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = ZOOptimizer(model.parameters(), lr=1e-3, eps=1e-2, seed=4)
+    optimizer.attach(model)
+    optimizer.begin_step()
+    for position in (+1, -1):
+        optimizer.move_to(position)
+        torch.testing.assert_close(
+            model(input_ids=IDS).logits, effective_copy(model_type, optimizer, model)(input_ids=IDS).logits,
+            rtol=0, atol=0,
+        )  # fmt: skip
+    assert all(torch.equal(p, start[n]) for n, p in model.named_parameters())
