@@ -7,6 +7,7 @@ Every `transformers.TrainingArguments` option is accepted too. Metrics land in
 result/<task>-<model>-<tags>.json.
 """
 
+import argparse
 import copy
 import dataclasses
 import difflib
@@ -49,9 +50,11 @@ from utils import (
     UsageError,
     accepts_logits_to_keep,
     classification_features,
+    device_name,
     encode_prompt,
     needs_float32_products,
     option_scores,
+    portable,
     products_for,
     read_result,
     target_log_probs,
@@ -446,7 +449,8 @@ def result_conflict(args, path):
         theirs = default_settings() | read_result(path)[1]["settings"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # not a result of this project's
         return f"{path} holds a result whose settings cannot be read"
-    ours = resolved_settings(args)
+    ours = {k: portable(v) for k, v in resolved_settings(args).items()}
+    theirs = {k: portable(v) for k, v in theirs.items()}  # (results once recorded absolute paths)
     for settings in (ours, theirs):  # the same model, wherever its folder is
         settings["model_name"] = settings["model_name"].rstrip("/").split("/")[-1]
     differing = [k for k in sorted(ours) if ours[k] != theirs.get(k) and not BOOKKEEPING.fullmatch(k)]
@@ -876,20 +880,47 @@ def correct_index(sample, first_only=False):
 # ---------------------------------------------------------------------------------------------------------
 
 
+# What most runs set, listed first by --help.
+COMMON_OPTIONS = (
+    "task_name", "model_name", "trainer", "learning_rate", "zo_eps", "max_steps",
+    "per_device_train_batch_size", "num_train", "train_set_seed", "load_float16",
+)  # fmt: skip
+USAGE = """Zero-shot, in-context learning and fine-tuning (first-order, MeZO, LOZO, LOZO-M) of a Hugging Face
+causal LM on MeZO's tasks, with only forward passes for the zeroth-order trainers. Each run writes a
+result JSON into result/ (or --result_file). For example, LOZO on SST-2 as in the LOZO paper:
+
+  python run_lozo.py --task_name SST2 --model_name facebook/opt-13b --trainer LOZO --learning_rate 1e-7 \\
+      --zo_eps 1e-3 --rank_r 2 --step_interval 50 --max_steps 20000 --num_train 1000 --num_dev 500 \\
+      --train_set_seed 0 --load_float16
+
+The ten options most runs need come first, then the project's own, then every transformers
+TrainingArguments option (the launchers lozo.sh, mezo.sh, finetune.sh and icl.sh set them from variables)."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The usage paragraph as written, and every option's default."""
+
+
 def build_parser():
-    """HfArgumentParser over OurArguments, with the project's own options listed first by --help."""
+    """HfArgumentParser over OurArguments: a usage paragraph, the common options first, then the project's
+    own, then HF's."""
     parser = HfArgumentParser(
         OurArguments,
         usage="python run_lozo.py --task_name TASK --model_name MODEL [--trainer TRAINER] [options]",
-        description="Zero-shot, in-context learning and fine-tuning (first-order, MeZO, LOZO, LOZO-M) on "
-        "MeZO's tasks. The project's own options come first; every transformers TrainingArguments option "
-        "follows.",
+        description=USAGE,
+        formatter_class=HelpFormatter,
     )
     ours = {f.name for f in dataclasses.fields(OurArguments)} - {
         f.name for f in dataclasses.fields(TrainingArguments)
     }
+
+    def place(action):
+        if action.dest in COMMON_OPTIONS:
+            return 0, COMMON_OPTIONS.index(action.dest)
+        return (1 if action.dest in ours else 2), 0
+
     for group in parser._action_groups:  # argparse has no public reordering; the order is display only
-        group._group_actions.sort(key=lambda action: action.dest not in ours)
+        group._group_actions.sort(key=place)
     return parser
 
 
@@ -1018,13 +1049,14 @@ def finish(args, metrics, output, started, samples, trainer=None, adapter=None):
     """Write the result file: the metrics (top level, as before) and under "run" what produced them."""
     run_info = {
         "task": args.task_name,
-        "model": args.model_name,
+        "model": portable(args.model_name),
         "trainer": args.trainer,
         "samples": samples,
         "wall_time_s": round(time.time() - started, 1),
         **provenance(),
+        "device": device_name(),
         "float32_products": needs_float32_products(product_dtype(args)),  # see utils.Float32Products
-        "settings": resolved_settings(args),
+        "settings": {k: portable(v) for k, v in resolved_settings(args).items()},
     }
     if trainer is not None:
         history = trainer.state.log_history
@@ -1033,7 +1065,7 @@ def finish(args, metrics, output, started, samples, trainer=None, adapter=None):
         run_info["train_loss_mean"] = next(
             (e["train_loss"] for e in reversed(history) if "train_loss" in e), None
         )
-        run_info["log_history"] = os.path.join(args.output_dir, "trainer_state.json")
+        run_info["log_history"] = portable(os.path.join(args.output_dir, "trainer_state.json"))
     if adapter is not None:
         run_info["adapter"] = adapter
     if args.process_index == 0:  # under torchrun every rank holds the same metrics: one writes them

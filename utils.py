@@ -395,6 +395,21 @@ def cpu_info(field):
         return None
 
 
+def device_name():
+    """The GPU's name where one computes, else the CPU's model name (results record where they ran)."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return cpu_info("model name")
+
+
+def portable(value):
+    """A value for a record that travels: an absolute path becomes relative to the working folder (a result
+    never records where this machine keeps things); anything else, a path as given included, is unchanged."""
+    if isinstance(value, str) and os.path.isabs(value):
+        return os.path.relpath(value)
+    return value
+
+
 def cpu_flags():
     flags = cpu_info("flags")
     return None if flags is None else flags.split()

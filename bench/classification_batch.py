@@ -31,6 +31,7 @@ from utils import (  # noqa: E402
     encode_prompt,
     model_option_loss,
     pack_batch,
+    portable,
     target_mask,
 )
 
@@ -113,7 +114,7 @@ def main():
     # run_lozo's tokenizer: its pad id (0 for Llama-family models) and, for OPT, MeZO's BOS.
     tokenizer = load_tokenizer(argparse.Namespace(model_path=None, model_name=opts.model), model.config)
     report = {
-        "model": opts.model,
+        "model": portable(opts.model),
         "dtype": opts.dtype,
         "batch": opts.batch,
         "threads": torch.get_num_threads(),

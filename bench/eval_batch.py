@@ -24,7 +24,11 @@ sys.path.insert(0, str(REPO))
 
 import tasks  # noqa: E402
 from run_lozo import Framework, parse_args, product_dtype  # noqa: E402
-from utils import needs_float32_products, products_for  # noqa: E402
+from utils import (  # noqa: E402
+    needs_float32_products,
+    portable,
+    products_for,
+)
 
 DTYPE_FLAGS = {"bfloat16": ["--load_bfloat16"], "float16": ["--load_float16"], "float32": []}
 
@@ -64,7 +68,7 @@ def main():
     if opts.threads:
         torch.set_num_threads(opts.threads)
     report = {
-        "model": opts.model,
+        "model": portable(opts.model),
         "dtype": opts.dtype,
         "batch": opts.batch,
         "threads": torch.get_num_threads(),

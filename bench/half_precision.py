@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from LOZOtrainer import U_STREAM, V_STREAM, ZOOptimizer, gaussian, stream_seed  # noqa: E402
+from utils import portable  # noqa: E402
 
 GRADS = REPO / "docs" / "half_precision" / "projected_grads.json"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -201,7 +202,7 @@ def measure(opts):
                 rows.append(row)
                 print(f"  {method} {mode} {dtype_name}: {time.time() - began:.0f} s", file=sys.stderr)
     return {
-        "model": opts.model,
+        "model": portable(opts.model),
         "layers": opts.layers,
         "device": opts.device,
         "eps": EPS,

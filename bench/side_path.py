@@ -27,7 +27,11 @@ sys.path.insert(0, str(REPO / "bench"))
 from zo_step import load_model, real_batch  # noqa: E402
 
 from LOZOtrainer import ZOOptimizer  # noqa: E402
-from utils import cpu_info, products_for  # noqa: E402
+from utils import (  # noqa: E402
+    cpu_info,
+    portable,
+    products_for,
+)
 
 
 def hooked_at_plus_eps(model, merge_periods=8):
@@ -94,7 +98,7 @@ def main():
         forward = median_pair(lambda: plain_model(ids), lambda: hooked_model(ids), opts.repeats, synchronized)
         linear = median_pair(lambda: layer(x), lambda: hooked_layer(x), 2000, synchronized)
     report = {
-        "model": opts.model,
+        "model": portable(opts.model),
         "dtype": opts.dtype,
         "device": torch.cuda.get_device_name() if opts.device == "cuda" else cpu_info("model name"),
         "batch": [opts.batch, opts.seq],

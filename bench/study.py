@@ -67,12 +67,17 @@ FT_LRS = (1e-5, 3e-5)
 SAVE_EVERY = {"LOZO": 25, "LOZO-M": 25, "MeZO": 25, "FT": 125}
 
 
+def here(path):
+    """`path` relative to the repository, where the runs start: their records hold no path of this machine."""
+    return os.path.relpath(path, REPO)
+
+
 def common(task, seed, precision="--load_bfloat16"):
     # Evaluation one sample at a time, as MeZO and the study's first runs evaluated: batched scoring
     # (run_lozo's default) computes the same scores but rounds differently in bf16: it can flip a near tie.
     return [
-        "--task_name", task, "--model_name", str(MODEL), precision, "--per_device_eval_batch_size", "1",
-        "--data_dir", os.environ.get("LOZO_DATA_DIR", str(REPO.parent / "shared" / "data")),
+        "--task_name", task, "--model_name", here(MODEL), precision, "--per_device_eval_batch_size", "1",
+        "--data_dir", os.environ.get("LOZO_DATA_DIR", here(REPO.parent / "shared" / "data")),
         "--train_set_seed", str(seed),
     ]  # fmt: skip
 
@@ -161,8 +166,8 @@ def run_one(name, argv, opts):
         return
     out = RUNS / name
     restore_unfinished(name, out)
-    command = [sys.executable, str(REPO / "run_lozo.py"), *argv, "--output_dir", str(out)]
-    command += ["--result_file", str(results / f"{name}.json"), "--report_to", "none", "--tag", name]
+    command = [sys.executable, str(REPO / "run_lozo.py"), *argv, "--output_dir", here(out)]
+    command += ["--result_file", here(results / f"{name}.json"), "--report_to", "none", "--tag", name]
     began = time.time()
     env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads)) if opts.threads else None
     # A run takes up to an hour and a half: its output goes to a file you can follow (tail -f), appended

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from utils import portable  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -401,7 +403,7 @@ def main():
     measured = {method: measure(opts, method) for method in opts.methods.split(",")}
     forward = measured["forward"]
     report = {
-        "model": opts.model,
+        "model": portable(opts.model),
         "device": opts.device,
         "dtype": opts.dtype,
         "batch": opts.batch,
