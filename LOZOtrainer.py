@@ -181,10 +181,10 @@ class LowRankTrainer(Trainer):
         model.eval()  # dropout off: both losses must see the same function
         inputs = self._prepare_inputs(inputs)
         optimizer = self.zo_optimizer
-        if isinstance(model, torch.nn.DataParallel) and optimizer.matrices:
+        if isinstance(model, torch.nn.DataParallel) and (optimizer.matrices or optimizer.transient):
             raise UsageError(
-                "LOZO's hooks do not follow DataParallel's model copies (several GPUs in one process); "
-                "run one process per GPU with torchrun (NUM_GPU=N), or drop --no_auto_device"
+                "the zeroth-order hooks do not follow DataParallel's model copies (several GPUs in one "
+                "process); run one process per GPU with torchrun (NUM_GPU=N), or drop --no_auto_device"
             )
         if self._micro_batches == 0:
             optimizer.begin_step()

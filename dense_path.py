@@ -9,11 +9,10 @@ the first perturbed forward is watched, and such a read is a one-line error nami
 and the ways out (`--zo_master_weights`, `--zo_in_place`), which perturb the weights themselves.
 """
 
-from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from side_path import METADATA, METADATA_PROPERTIES, function_name
+from side_path import METADATA, METADATA_PROPERTIES, RunningModules, function_name
 from utils import UsageError
 
 
@@ -29,8 +28,13 @@ class DensePath:
             if own:
                 self.owned[module] = own
         self.params = {id(p): p for p in model.parameters() if id(p) in tensors}
+        owners = [param_id for own in self.owned.values() for param_id in own]
+        self.tied = {param_id for param_id in owners if owners.count(param_id) > 1}
         self.swapped = {}  # id -> [the weights' own data, how many owners' forwards are running]
-        self.watched, self.watching, self.stack, self.hooks = False, False, [], []
+        # A tied tensor's perturbed copy (an embedding read again as the LM head), kept until the model's
+        # forward ends, so that it is drawn once a forward: {id: (position, copy)}.
+        self.built = {}
+        self.watched, self.watching, self.hooks, self.running = False, False, [], RunningModules()
         self.busy = False  # swapping (its own reads of the weights are not the model's)
         self.install()
 
@@ -38,9 +42,14 @@ class DensePath:
         for module in self.owned:
             self.hooks.append(module.register_forward_pre_hook(self._swap))
             self.hooks.append(module.register_forward_hook(self._restore, always_call=True))
+        if self.tied:
+            self.hooks.append(self.model.register_forward_hook(self._forget, always_call=True))
         if not self.watched:
             self.hooks.append(self.model.register_forward_pre_hook(self._watch))
             self.hooks.append(self.model.register_forward_hook(self._unwatch, always_call=True))
+
+    def _forget(self, model, args, output):
+        self.built = {}
 
     def remove(self):
         for handle in self.hooks:
@@ -59,7 +68,12 @@ class DensePath:
                 continue
             param = self.params[param_id]
             own = param.data
-            param.data = self.optimizer.perturbed(self.tensors[param_id], own, position)
+            built = self.built.get(param_id)
+            if built is None or built[0] != position:
+                built = (position, self.optimizer.perturbed(self.tensors[param_id], own, position))
+                if param_id in self.tied:
+                    self.built[param_id] = built
+            param.data = built[1]
             self.swapped[param_id] = [own, 1]
         self.busy = False
 
@@ -81,27 +95,16 @@ class DensePath:
         if self.watched or self.watching or not self.optimizer.position:
             return
         self.watching = True
-        self.stack = [model]  # the global hooks start inside the root's forward, but end around it
-        self.stack_hooks = [
-            register_module_forward_pre_hook(self._push),
-            register_module_forward_hook(self._pop, always_call=True),
-        ]
+        self.running.start(model)
         self.mode = UnswappedReads(self)
         self.mode.__enter__()
-
-    def _push(self, module, args):
-        self.stack.append(module)
-
-    def _pop(self, module, args, output):
-        self.stack.pop()
 
     def _unwatch(self, model, args, output):
         if not self.watching:
             return
         self.mode.__exit__(None, None, None)
-        for handle in self.stack_hooks:
-            handle.remove()
-        self.stack, self.watching = [], False
+        self.running.stop()
+        self.watching = False
         self.watched = output is not None  # a failed forward: watch the next one
         if self.watched:
             self.remove()
@@ -109,7 +112,7 @@ class DensePath:
 
     def refuse(self, param_id, reader):
         name = self.names.get(param_id, "a trained tensor")
-        module = type(self.stack[-1]).__name__
+        module = type(self.running.innermost(self.model)).__name__
         raise UsageError(
             f"MeZO cannot perturb {name} module by module: {module} reads it with {reader} outside the "
             "module that owns it; add --zo_master_weights (a float32 master copy) or --zo_in_place"

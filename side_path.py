@@ -398,6 +398,36 @@ class ReadingMode(TorchFunctionMode):
         raise UsageError(self.side_path.cannot_train(matrix.param, reader))
 
 
+class RunningModules:
+    """The modules whose forward is running, innermost last, tracked by global module hooks between
+    `start(root)` (from the root's forward pre-hook) and `stop()`."""
+
+    def __init__(self):
+        self.stack, self.handles = [], []
+
+    def start(self, root):
+        # The root itself is on the stack: the global hooks start inside its forward, but end around it.
+        self.stack = [root]
+        self.handles = [
+            register_module_forward_pre_hook(self._push),
+            register_module_forward_hook(self._pop, always_call=True),
+        ]
+
+    def stop(self):
+        for handle in self.handles:
+            handle.remove()
+        self.stack, self.handles = [], []
+
+    def innermost(self, default=None):
+        return self.stack[-1] if self.stack else default
+
+    def _push(self, module, args):
+        self.stack.append(module)
+
+    def _pop(self, module, args, output):  # (a forward hook that returned something would replace the output)
+        self.stack.pop()
+
+
 class SidePath:
     """Everything that makes `model` compute with the effective weights of `matrices` (a dict: id of a
     parameter -> its LowRankMatrix, or the list of its experts' matrices for an (experts, m, n) parameter).
@@ -408,9 +438,9 @@ class SidePath:
         self.typed = {}  # id of a parameter read by typed hooks -> [(owner module, read)]
         self.reading = {}  # id of a parameter read through the mode -> its matrices
         self.mode = ReadingMode(self)
-        self.hooks, self.typed_hooks, self.stack_hooks = [], {}, []
+        self.hooks, self.typed_hooks, self.running = [], {}, RunningModules()
         self.watching, self.watched = False, False
-        self.stack, self.seen, self.moved, self.readers = [], set(), set(), set()  # of the watched forward
+        self.seen, self.moved, self.readers = set(), set(), set()  # of the watched forward
         self._switch_experts_to_eager()
         for module in model.modules():
             for name, param in module.named_parameters(recurse=False):
@@ -475,34 +505,23 @@ class SidePath:
         return matrices
 
     def reader(self):
-        return self.stack[-1] if self.stack else self.model
+        return self.running.innermost(self.model)
 
     # ---- the watched first forward ----
 
     def _watch(self, model, args):
         if self.watched or self.watching:
             return
-        # The root itself is on the stack: the global hooks start inside its forward, but end around it.
-        self.watching, self.stack, self.seen, self.moved, self.readers = True, [model], set(), set(), set()
-        self.stack_hooks = [
-            register_module_forward_pre_hook(self._push),
-            register_module_forward_hook(self._pop, always_call=True),
-        ]
+        self.watching, self.seen, self.moved, self.readers = True, set(), set(), set()
+        self.running.start(model)
         self.mode.enter(model, args)
-
-    def _push(self, module, args):
-        self.stack.append(module)
-
-    def _pop(self, module, args, output):  # (a forward hook that returned something would replace the output)
-        self.stack.pop()
 
     def _unwatch(self, model, args, output):
         if not self.watching:
             return
         self.mode.leave(model, args, output)
-        for handle in self.stack_hooks:
-            handle.remove()
-        self.watching, self.stack_hooks = False, []
+        self.running.stop()
+        self.watching = False
         if output is None:  # the forward failed: watch the next one
             return
         self.watched = True
@@ -536,10 +555,10 @@ class SidePath:
 
     def remove(self):
         """Unhook the model (`install` hooks it again, as the watched forward left it)."""
-        handles = self.hooks + self.stack_hooks + [h for hs in self.typed_hooks.values() for h in hs]
-        for handle in handles:
+        for handle in self.hooks + [h for hs in self.typed_hooks.values() for h in hs]:
             handle.remove()
-        self.hooks, self.typed_hooks, self.stack_hooks = [], {}, []
+        self.hooks, self.typed_hooks = [], {}
+        self.running.stop()
 
 
 def typed_read(module, name, param):

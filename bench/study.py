@@ -365,18 +365,46 @@ def cell(values, seeded=True):
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f} (n={len(values)})"
 
 
-def command_tables(opts):
+TABLES_BEGIN = "<!-- the study's tables: written by `python bench/study.py tables`, not by hand -->"
+TABLES_END = "<!-- end of the study's tables -->"
+
+
+def rates(row):
+    """'lr 5e-6; RTE 1e-5': the chosen rate of most tasks, then the tasks that chose another."""
+    chosen = {task: chosen_lr(task, row) for task in TASKS}
+    if None in chosen.values():
+        return ""
+    common_lr = statistics.mode(chosen.values())
+    others = [f"{task if task != 'WIC' else 'WiC'} {lr:g}" for task, lr in chosen.items() if lr != common_lr]
+    return "; ".join([f"lr {common_lr:g}", *others])
+
+
+def tables():
+    """The study page's tables, as Markdown, from docs/study/ alone."""
     lines = ["| method | " + " | ".join(TASKS) + " |", "|---|" + "---|" * len(TASKS)]
     for row in ROWS:
         label = {"icl": "ICL (32 demonstrations)", "FT": "FT (AdamW, 5 epochs)"}.get(row, row)
+        chosen = rates(row) if row in (*ZO_METHODS, "FT") else ""
+        label = label[:-1] + f"; {chosen})" if chosen and label.endswith(")") else label
+        label = f"{label} ({chosen})" if chosen and not label.endswith(")") else label
         cells = [cell(accuracies(row, task), seeded=row != "zero-shot") for task in TASKS]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", *selection_table(), "", "Chosen learning rates (seed-0 dev accuracy):"]
-    for task in TASKS:
-        chosen = {m: chosen_lr(task, m) for m in [*ZO_METHODS, "FT"]}
-        lines.append(f"- {task}: " + ", ".join(f"{m} {lr:g}" if lr else f"{m} —" for m, lr in chosen.items()))
-    print("\n".join(lines))
-    figure(DOCS / "curves.png")
+    lines += ["", "The seed-0 learning-rate runs, from which the dev column (bold) chose the rates above:"]
+    return [*lines, "", *selection_table()]
+
+
+def command_tables(opts):
+    """Print the tables and write them into docs/study/README.md between its markers; the figure only with
+    --figure (it is committed: redrawing it changes its bytes)."""
+    text = "\n".join(tables())
+    print(text)
+    page = DOCS / "README.md"
+    if page.exists():
+        before, rest = page.read_text().split(TABLES_BEGIN)
+        after = rest.split(TABLES_END)[1]
+        page.write_text(f"{before}{TABLES_BEGIN}\n{text}\n{TABLES_END}{after}")
+    if getattr(opts, "figure", False):
+        figure(DOCS / "curves.png")
 
 
 def selection_table():
@@ -394,8 +422,10 @@ def selection_table():
                 minutes, attempts, float32 = wall_time(selection(task, method, lr), run)
                 resumed = f" ({attempts} attempts)" if attempts > 1 else ""
                 marked |= float32
+                dev = f"{100 * metrics['dev_accuracy']:.0f}"
+                dev = f"**{dev}**" if chosen_lr(task, method) == lr else dev
                 lines.append(
-                    f"| {task} | {method} | {lr:g} | {100 * metrics['dev_accuracy']:.0f} | "
+                    f"| {task} | {method} | {lr:g} | {dev} | "
                     f"{100 * metrics['accuracy']:.1f} | {run.get('train_loss_last_logged'):.3f} | "
                     f"{minutes:.0f} min{resumed}{' †' if float32 else ''} |"
                 )
@@ -469,6 +499,7 @@ def main():
     parser.add_argument("--only", default="", help="only the runs whose name contains this text")
     parser.add_argument("--skip", default="", help="not the runs whose name contains this text")
     parser.add_argument("--threads", type=int, default=0, help="torch threads of each run (0: its default)")
+    parser.add_argument("--figure", action="store_true", help="tables: also redraw docs/study/curves.png")
     opts = parser.parse_args()
     {"run": command_run, "list": command_list, "tables": command_tables}[opts.command](opts)
 

@@ -38,10 +38,10 @@ from pathlib import Path
 
 import torch
 
-from utils import portable  # noqa: E402
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from utils import portable  # noqa: E402
 
 SHAPES = {  # OPTConfig values of the released checkpoints; weights are random
     "opt-125m": dict(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12),

@@ -104,11 +104,19 @@ def test_tables_rebuild_from_the_committed_files_alone(empty_study, capsys):
     for seed, accuracy in zip(study.SEEDS, (0.70, 0.72, 0.74), strict=True):
         write_result(empty_study, f"MeZO-SST2-seed{seed}", dev=0.7, accuracy=accuracy)
     write_result(empty_study, "icl-SST2-seed0", dev=0.0, accuracy=0.69)
-    study.command_tables(None)
+    page = empty_study / "README.md"
+    page.write_text(f"# The study\n\n{study.TABLES_BEGIN}\nold\n{study.TABLES_END}\n\nThe reading.\n")
+    study.command_tables(argparse.Namespace(figure=False))
     printed = capsys.readouterr().out
     assert "| zero-shot | 51.7 |" in printed
     assert "| ICL (32 demonstrations) | 69.0 (n=1) |" in printed  # a partial row says so
     assert "| MeZO | 72.0 ± 2.0 (n=3) |" in printed
+    # The page gets the same tables between its markers, the rest kept; the figure is drawn only if asked.
+    assert (
+        page.read_text()
+        == f"# The study\n\n{study.TABLES_BEGIN}\n{printed.strip()}\n{study.TABLES_END}\n\nThe reading.\n"
+    )
+    assert not (empty_study / "curves.png").exists()
 
 
 def test_a_failed_run_keeps_its_output_in_a_log_and_stops_the_study(empty_study, tmp_path, monkeypatch):
