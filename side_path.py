@@ -129,7 +129,8 @@ class LowRankMatrix:
         self.norms = torch.ones(rank, dtype=self.exact_dtype, device=param.device)
         self.normalized = param.dtype == torch.float16
         # On a CPU, float32 copies of half-precision factors (the same values) for small batches, and for
-        # every float16 product (a CPU without float16 matrix instructions emulates them).
+        # every float16 product (a CPU without float16 matrix instructions emulates them); made lazily, so
+        # that training on large batches never holds them.
         self.mirrored = param.device.type == "cpu" and param.dtype in (torch.float16, torch.bfloat16)
         self.used, self.scale, self.position = 0, 1.0, 0
         self.active = False  # whether the low-rank part is non-zero (else the forward skips it)
@@ -152,8 +153,7 @@ class LowRankMatrix:
     def _views(self):
         k = self.rank + self.used
         self.At, self.Bt = self.left[:k], self.right[:k]  # Aᵀ (k×m) and Bᵀ (k×n): the forward's factors
-        if self.mirrored:
-            self.At32, self.Bt32 = self.At.float(), self.Bt.float()
+        self.mirrors = None  # float32 copies, made when a small batch first needs them after a change
 
     def current(self):
         """This period's rows of the left factor, in float32: C + position·(ε/scale)·U (times V's norms)."""
@@ -215,7 +215,9 @@ class LowRankMatrix:
             return output
         At, Bt = self.At, self.Bt
         if self.mirrored and (self.normalized or output.numel() <= SMALL_ROWS * output.shape[-1]):
-            At, Bt = self.At32, self.Bt32
+            if self.mirrors is None:
+                self.mirrors = self.At.float(), self.Bt.float()
+            At, Bt = self.mirrors
         if read is X_WT:  # x·Wᵀ + (x·B)·Aᵀ
             h, second = F.linear(x if x.dtype == Bt.dtype else x.to(Bt.dtype), Bt), At
         elif read is X_W:  # x·W + (x·A)·Bᵀ

@@ -188,9 +188,8 @@ def measure(opts):
                 row = {"method": method, "mode": mode, "dtype": dtype_name}
                 row |= drift(weights, method, mode, dtype)
                 for lr in LRS if opts.command == "measure" else ():
-                    for steps in (
-                        (100, 1000) if method != "MeZO" else (100, opts.mezo_steps)
-                    ):  # MeZO draws all weights up to 3 times a step
+                    longer = 1000 if method != "MeZO" else opts.mezo_steps  # MeZO draws every weight a step
+                    for steps in (100, longer) if longer else (100,):
                         if dtype == torch.float32:
                             start, end, _, _ = replay(weights, method, mode, dtype, lr, grads, steps)
                             references[lr, steps] = difference(end, start)
@@ -273,7 +272,7 @@ def main():
     parser.add_argument("--out", default=str(REPO / "result" / "bench" / "half_precision.json"))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated: LOZO, LOZO-M, MeZO")
-    parser.add_argument("--mezo_steps", type=int, default=1000, help="MeZO's longer replay (steps)")
+    parser.add_argument("--mezo_steps", type=int, default=1000, help="MeZO's longer replay (steps; 0: none)")
     opts = parser.parse_args()
     if opts.threads:
         torch.set_num_threads(opts.threads)
