@@ -7,13 +7,33 @@ uses) when its forward starts and swapped back when it ends. So one module's wei
 dtype. A weight read by another module than its owner (at a perturbed forward) would be read unperturbed:
 the first perturbed forward is watched, and such a read is a one-line error naming the weight, the module
 and the ways out (`--zo_master_weights`, `--zo_in_place`), which perturb the weights themselves.
+
+A large `nn.Linear` or `nn.Embedding` (an LM head, the token embeddings: 21 % of SmolLM2's weights) is not
+copied whole: its forward is replaced by one that perturbs its weight block of rows by block, about 2²⁰
+numbers at a time, and computes those rows' outputs (or looks up the ids in them) from each block.
 """
 
+import torch
+import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from side_path import METADATA, METADATA_PROPERTIES, RunningModules, function_name
 from utils import UsageError
+
+BLOCKED_ABOVE = 1 << 22  # weights of more elements are perturbed block by block (see the module's doc)
+
+
+def blocked_kind(module):
+    """ "linear" or "embedding" for a large Linear / Embedding that runs its class's own forward."""
+    weight = getattr(module, "weight", None)
+    if weight is None or weight.numel() <= BLOCKED_ABOVE:
+        return None
+    if type(module).forward is torch.nn.Linear.forward:
+        return "linear"
+    if type(module).forward is torch.nn.Embedding.forward and module.max_norm is None:
+        return "embedding"
+    return None
 
 
 class DensePath:
@@ -28,6 +48,10 @@ class DensePath:
             if own:
                 self.owned[module] = own
         self.params = {id(p): p for p in model.parameters() if id(p) in tensors}
+        self.blocked = {m: kind for m in self.owned if id(getattr(m, "weight", None)) in tensors and
+                        (kind := blocked_kind(m))}  # fmt: skip
+        for module in self.blocked:  # its forward perturbs its own tensors
+            del self.owned[module]
         owners = [param_id for own in self.owned.values() for param_id in own]
         self.tied = {param_id for param_id in owners if owners.count(param_id) > 1}
         self.swapped = {}  # id -> [the weights' own data, how many owners' forwards are running]
@@ -39,6 +63,8 @@ class DensePath:
         self.install()
 
     def install(self):
+        for module, kind in self.blocked.items():
+            module.forward = (self._blocked_linear if kind == "linear" else self._blocked_embedding)(module)
         for module in self.owned:
             self.hooks.append(module.register_forward_pre_hook(self._swap))
             self.hooks.append(module.register_forward_hook(self._restore, always_call=True))
@@ -55,6 +81,48 @@ class DensePath:
         for handle in self.hooks:
             handle.remove()
         self.hooks = []
+        for module in self.blocked:
+            module.__dict__.pop("forward", None)  # the class's own forward again
+
+    def _blocked_linear(self, module):
+        def forward(x):
+            position = self.optimizer.position
+            if not position:
+                return torch.nn.Linear.forward(module, x)
+            self.busy = True
+            try:
+                bias = module.bias
+                if bias is not None and id(bias) in self.tensors:
+                    bias = self.optimizer.perturbed(self.tensors[id(bias)], bias.data, position)
+                out = x.new_empty(*x.shape[:-1], module.out_features)
+                i = self.tensors[id(module.weight)]
+                for rows, block in self.optimizer.perturbed_rows(i, module.weight.data, position):
+                    out[..., rows] = F.linear(x, block, None if bias is None else bias[rows])
+                return out
+            finally:
+                self.busy = False
+
+        return forward
+
+    def _blocked_embedding(self, module):
+        def forward(ids):
+            position = self.optimizer.position
+            if not position:
+                return torch.nn.Embedding.forward(module, ids)
+            self.busy = True
+            try:
+                out = F.embedding(ids, module.weight.data, module.padding_idx)
+                flat, rows_out = ids.reshape(-1), out.view(-1, out.shape[-1])
+                i = self.tensors[id(module.weight)]
+                for rows, block in self.optimizer.perturbed_rows(i, module.weight.data, position):
+                    hit = (flat >= rows.start) & (flat < rows.stop)
+                    if hit.any():
+                        rows_out[hit] = block[flat[hit] - rows.start]
+                return out
+            finally:
+                self.busy = False
+
+        return forward
 
     def _swap(self, module, args):
         position = self.optimizer.position

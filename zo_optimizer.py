@@ -262,6 +262,25 @@ class ZOOptimizer(torch.optim.Optimizer):
             torch.add(flat[start:end], z, alpha=position * self.eps, out=out.view(-1)[start:end])
         return out
 
+    def perturbed_rows(self, i, weights, position):
+        """(rows, round(W[rows] + position·εz[rows])) for blocks of whole rows of a 2-D tensor i, from the
+        same z as `perturbed`, in one buffer of about CHUNK numbers refilled for each block: use a block
+        before asking for the next one."""
+        n, numel, flat = weights.shape[-1], weights.numel(), weights.reshape(-1)
+        block = torch.empty(max(1, CHUNK // n) * n, dtype=weights.dtype, device=weights.device)
+        filled = first = 0
+        for start, z in dense_noise(numel, self._seed(i), weights.device):
+            used = 0
+            while used < len(z):
+                take = min(len(z) - used, len(block) - filled)
+                at = start + used
+                torch.add(flat[at : at + take], z[used : used + take], alpha=position * self.eps,
+                          out=block[filled : filled + take])  # fmt: skip
+                filled, used = filled + take, used + take
+                if filled == len(block) or start + used == numel:
+                    yield slice(first, first + filled // n), block[:filled].view(-1, n)
+                    first, filled = first + filled // n, 0
+
     def _write_from_master(self, i, p, position):
         """p ← master + position·εz, rounded to p's dtype once."""
         master, flat = self.masters[i].view(-1), p.data.view(-1)

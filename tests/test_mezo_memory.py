@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+import dense_path
+import zo_optimizer
 from utils import UsageError
 from zo_optimizer import ZOOptimizer
 
@@ -64,3 +66,29 @@ def test_a_weight_read_outside_its_module_is_refused_with_the_ways_out():
     master.begin_step()
     master.move_to(+1)
     model(torch.tensor([[1, 2]]))  # a float32 master perturbs the weights themselves: any read sees it
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_large_linear_and_embedding_layers_are_perturbed_block_by_block(dtype, tiny_opt_dir, monkeypatch):
+    """Above dense_path.BLOCKED_ABOVE elements (here every Linear and Embedding), a layer's weight is never
+    copied whole: its rows are perturbed a block at a time (blocks that do not fall on chunk boundaries of the
+    noise stream), with the same z: the logits are those of a copy holding round(W ± εz)."""
+    monkeypatch.setattr(dense_path, "BLOCKED_ABOVE", 0)
+    monkeypatch.setattr(zo_optimizer, "CHUNK", 1000)  # blocks of 62 rows of 16, noise chunks of 1000 numbers
+    model = AutoModelForCausalLM.from_pretrained(tiny_opt_dir, dtype=dtype).eval()
+    plain = AutoModelForCausalLM.from_pretrained(tiny_opt_dir, dtype=dtype).eval()
+    optimizer = ZOOptimizer(model.parameters(), lr=1e-3, eps=1e-2, seed=5)
+    optimizer.attach(model)
+    own_forward = (torch.nn.Linear.forward, torch.nn.Embedding.forward)
+    assert len(optimizer.dense_path.blocked) == sum(type(m).forward in own_forward for m in model.modules())
+    optimizer.begin_step()
+    for position in (+1, -1):
+        optimizer.move_to(position)
+        logits = model(input_ids=IDS).logits
+        weights = {n: optimizer.effective_weight(p).to(dtype) for n, p in model.named_parameters()}
+        plain.load_state_dict(weights, strict=False)
+        tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(logits, plain(input_ids=IDS).logits, rtol=tolerance, atol=tolerance)
+    optimizer.release()
+    assert all("forward" not in m.__dict__ for m in model.modules())  # the layers' own forwards again
