@@ -58,6 +58,9 @@ class DensePath:
         # A tied tensor's perturbed copy (an embedding read again as the LM head), kept until the model's
         # forward ends, so that it is drawn once a forward: {id: (position, copy)}.
         self.built = {}
+        # One buffer per shape and dtype, reused by every module of that shape: a fresh allocation for each
+        # module and forward would fault in new pages each time (a third of a float32 MeZO step on a CPU).
+        self.pool = {}
         self.watched, self.watching, self.hooks, self.running = False, False, [], RunningModules()
         self.busy = False  # swapping (its own reads of the weights are not the model's)
         self.install()
@@ -138,7 +141,9 @@ class DensePath:
             own = param.data
             built = self.built.get(param_id)
             if built is None or built[0] != position:
-                built = (position, self.optimizer.perturbed(self.tensors[param_id], own, position))
+                buffer = None if param_id in self.tied else self.pool.pop((own.shape, own.dtype), None)
+                copy = self.optimizer.perturbed(self.tensors[param_id], own, position, out=buffer)
+                built = (position, copy)
                 if param_id in self.tied:
                     self.built[param_id] = built
             param.data = built[1]
@@ -153,7 +158,10 @@ class DensePath:
             entry[1] -= 1
             if entry[1] == 0:
                 self.busy = True
-                self.params[param_id].data = entry[0]
+                param = self.params[param_id]
+                if param_id not in self.tied:
+                    self.pool[entry[0].shape, entry[0].dtype] = param.data
+                param.data = entry[0]
                 del self.swapped[param_id]
                 self.busy = False
 

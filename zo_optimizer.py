@@ -253,10 +253,11 @@ class ZOOptimizer(torch.optim.Optimizer):
                     p.data.view(-1)[start : start + len(z)].add_(z, alpha=delta * self.eps)
         self.position = position
 
-    def perturbed(self, i, weights, position):
-        """round(W + position·εz) of tensor i in a new tensor like `weights`: what a module computes with
-        during its forward under `DensePath` (one module's weights at a time)."""
-        out, flat = torch.empty_like(weights), weights.view(-1)
+    def perturbed(self, i, weights, position, out=None):
+        """round(W + position·εz) of tensor i in `out` (default: a new tensor like `weights`): what a module
+        computes with during its forward under `DensePath` (one module's weights at a time)."""
+        out = torch.empty_like(weights) if out is None else out
+        flat = weights.view(-1)
         for start, z in dense_noise(weights.numel(), self._seed(i), weights.device):
             end = start + len(z)
             torch.add(flat[start:end], z, alpha=position * self.eps, out=out.view(-1)[start:end])
