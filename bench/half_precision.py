@@ -181,7 +181,7 @@ def measure(opts):
     print(f"{sum(w.numel() for w in weights) / 1e6:.1f}M weights, {len(grads)} gradients", file=sys.stderr)
     rows = []
     for method in opts.methods.split(","):
-        for mode in MODES[method]:
+        for mode in [m for m in MODES[method] if not opts.modes or m in opts.modes.split(",")]:
             references = {}
             for dtype_name in DTYPES:
                 dtype, began = getattr(torch, dtype_name), time.time()
@@ -273,6 +273,7 @@ def main():
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated: LOZO, LOZO-M, MeZO")
     parser.add_argument("--mezo_steps", type=int, default=1000, help="MeZO's longer replay (steps; 0: none)")
+    parser.add_argument("--modes", default="", help="comma-separated: default, master, in-place (all)")
     opts = parser.parse_args()
     if opts.threads:
         torch.set_num_threads(opts.threads)
