@@ -258,12 +258,10 @@ class LowRankTrainer(Trainer):
     # leaves the run's arithmetic untouched; resuming replays its steps onto the starting weights.
 
     def save_model(self, output_dir=None, _internal_call=False):
-        """Writes the effective weights, whenever it is called (a callback, user code, the end of training):
-        the optimizer settles first. (A model.state_dict() between steps settles too: see attach.)"""
+        """Writes the effective weights whenever it is called (a callback, user code, the end of training):
+        HF's save reads model.state_dict(), which settles the optimizer first (see ZOOptimizer.attach)."""
         if self._staging and self.saves_trajectories:
             return  # a checkpoint being written: the steps stand in for the weights
-        if self.zo_optimizer is not None and self.zo_optimizer.position == 0:
-            self.zo_optimizer.settle()
         super().save_model(output_dir, _internal_call)
 
     def _save_optimizer_and_scheduler(self, output_dir):

@@ -25,7 +25,8 @@ BLOCKED_ABOVE = 1 << 22  # weights of more elements are perturbed block by block
 
 
 def blocked_kind(module):
-    """ "linear" or "embedding" for a large Linear / Embedding that runs its class's own forward."""
+    """Whether `module` is a large Linear or Embedding that runs its class's own forward: "linear",
+    "embedding" or None."""
     weight = getattr(module, "weight", None)
     if weight is None or weight.numel() <= BLOCKED_ABOVE:
         return None
@@ -67,7 +68,7 @@ class DensePath:
 
     def install(self):
         for module, kind in self.blocked.items():
-            module.forward = (self._blocked_linear if kind == "linear" else self._blocked_embedding)(module)
+            module.forward = self._blocked_forward(module, kind)
         for module in self.owned:
             self.hooks.append(module.register_forward_pre_hook(self._swap))
             self.hooks.append(module.register_forward_hook(self._restore, always_call=True))
@@ -87,45 +88,44 @@ class DensePath:
         for module in self.blocked:
             module.__dict__.pop("forward", None)  # the class's own forward again
 
-    def _blocked_linear(self, module):
+    def _blocked_forward(self, module, kind):
+        """`module`'s forward while attached: its class's own at θ, else its weight perturbed by blocks."""
+        own_forward, perturbed_forward = {
+            "linear": (torch.nn.Linear.forward, self._linear_by_blocks),
+            "embedding": (torch.nn.Embedding.forward, self._embedding_by_blocks),
+        }[kind]
+
         def forward(x):
             position = self.optimizer.position
             if not position:
-                return torch.nn.Linear.forward(module, x)
-            self.busy = True
+                return own_forward(module, x)
+            self.busy = True  # its own reads of the weight are not the model's
             try:
-                bias = module.bias
-                if bias is not None and id(bias) in self.tensors:
-                    bias = self.optimizer.perturbed(self.tensors[id(bias)], bias.data, position)
-                out = x.new_empty(*x.shape[:-1], module.out_features)
-                i = self.tensors[id(module.weight)]
-                for rows, block in self.optimizer.perturbed_rows(i, module.weight.data, position):
-                    out[..., rows] = F.linear(x, block, None if bias is None else bias[rows])
-                return out
+                return perturbed_forward(module, x, position)
             finally:
                 self.busy = False
 
         return forward
 
-    def _blocked_embedding(self, module):
-        def forward(ids):
-            position = self.optimizer.position
-            if not position:
-                return torch.nn.Embedding.forward(module, ids)
-            self.busy = True
-            try:
-                out = F.embedding(ids, module.weight.data, module.padding_idx)
-                flat, rows_out = ids.reshape(-1), out.view(-1, out.shape[-1])
-                i = self.tensors[id(module.weight)]
-                for rows, block in self.optimizer.perturbed_rows(i, module.weight.data, position):
-                    hit = (flat >= rows.start) & (flat < rows.stop)
-                    if hit.any():
-                        rows_out[hit] = block[flat[hit] - rows.start]
-                return out
-            finally:
-                self.busy = False
+    def _linear_by_blocks(self, module, x, position):
+        bias = module.bias
+        if bias is not None and id(bias) in self.tensors:
+            bias = self.optimizer.perturbed(self.tensors[id(bias)], bias.data, position)
+        out = x.new_empty(*x.shape[:-1], module.out_features)
+        i = self.tensors[id(module.weight)]
+        for rows, block in self.optimizer.perturbed_rows(i, module.weight.data, position):
+            out[..., rows] = F.linear(x, block, None if bias is None else bias[rows])
+        return out
 
-        return forward
+    def _embedding_by_blocks(self, module, ids, position):
+        out = F.embedding(ids, module.weight.data, module.padding_idx)
+        flat, rows_out = ids.reshape(-1), out.view(-1, out.shape[-1])
+        i = self.tensors[id(module.weight)]
+        for rows, block in self.optimizer.perturbed_rows(i, module.weight.data, position):
+            hit = (flat >= rows.start) & (flat < rows.stop)
+            if hit.any():
+                rows_out[hit] = block[flat[hit] - rows.start]
+        return out
 
     def _swap(self, module, args):
         position = self.optimizer.position

@@ -449,7 +449,7 @@ def result_conflict(args, path):
         theirs = default_settings() | read_result(path)[1]["settings"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # not a result of this project's
         return f"{path} holds a result whose settings cannot be read"
-    ours = {k: portable(v) for k, v in resolved_settings(args).items()}
+    ours = recorded_settings(args)
     theirs = {k: portable(v) for k, v in theirs.items()}  # (results once recorded absolute paths)
     for settings in (ours, theirs):  # the same model, wherever its folder is
         settings["model_name"] = settings["model_name"].rstrip("/").split("/")[-1]
@@ -939,6 +939,11 @@ def resolved_settings(args):
     return {k: v if isinstance(v, (str, int, float, bool, type(None))) else str(v) for k, v in values.items()}
 
 
+def recorded_settings(args):
+    """The resolved arguments as a result records them: paths relative to the working folder."""
+    return {k: portable(v) for k, v in resolved_settings(args).items()}
+
+
 @functools.cache
 def default_settings():
     return resolved_settings(OurArguments())
@@ -1056,7 +1061,7 @@ def finish(args, metrics, output, started, samples, trainer=None, adapter=None):
         **provenance(),
         "device": device_name(),
         "float32_products": needs_float32_products(product_dtype(args)),  # see utils.Float32Products
-        "settings": {k: portable(v) for k, v in resolved_settings(args).items()},
+        "settings": recorded_settings(args),
     }
     if trainer is not None:
         history = trainer.state.log_history

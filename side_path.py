@@ -119,10 +119,9 @@ class LowRankMatrix:
     def __init__(self, param, rank, eps, capacity, expert=None):
         self.param, self.expert, self.rank, self.eps = param, expert, rank, eps
         m, n = self.weight.shape
-        self.compute_dtype = param.dtype
         rows = (1 + capacity) * rank
-        self.left = torch.zeros(rows, m, dtype=self.compute_dtype, device=param.device)
-        self.right = torch.zeros(rows, n, dtype=self.compute_dtype, device=param.device)
+        self.left = torch.zeros(rows, m, dtype=param.dtype, device=param.device)
+        self.right = torch.zeros(rows, n, dtype=param.dtype, device=param.device)
         self.exact_dtype = torch.promote_types(param.dtype, torch.float32)  # of C, U and the merge
         self.C = torch.zeros(m, rank, dtype=self.exact_dtype, device=param.device)
         self.U = torch.zeros_like(self.C)
@@ -363,10 +362,12 @@ class ReadingMode(TorchFunctionMode):
         if isinstance(matrices, list):  # a stacked (experts, m, n) parameter: only one expert's slice is read
             if func is torch.Tensor.__getitem__ and first is tensor and read == X_WT:
                 index = args[1]
-                expert = int(index) if not isinstance(index, tuple) else None
-                if expert is None:
+                one = isinstance(index, int) or (
+                    isinstance(index, torch.Tensor) and index.dim() == 0 and not index.is_floating_point()
+                )
+                if not one:  # a slice of several experts, or of rows: no single matrix is read
                     return NotImplemented
-                return self.derive(func(*args, **kwargs), matrices[expert], X_WT)
+                return self.derive(func(*args, **kwargs), matrices[int(index)], X_WT)
             return NotImplemented
         if (
             func in TRANSPOSES

@@ -138,7 +138,12 @@ class ZOOptimizer(torch.optim.Optimizer):
                 self.keys[i] = [i] if p.dim() == 2 else [(i, e) for e in range(p.shape[0])]
                 for key in self.keys[i]:
                     self.matrices[key] = LowRankMatrix(p, rank, eps, merge_periods, expert=expert_of(key))
-        self.masters = {}  # tensor index -> float32 master copy: all but the matrices, unless in_place
+        # Dense tensors perturbed module by module (MeZO's default), else a float32 master copy of each
+        # (master_weights), or none (in_place).
+        self.transient = (
+            set() if in_place or self.master_weights else {i for i, _ in self.tensors} - set(self.keys)
+        )
+        self.masters = {}  # tensor index -> float32 master copy (master_weights)
         # Everything that retakes this run from its starting weights without a forward pass (`replay`): a
         # hash of those weights, every step's g and learning rates, and the steps at which settle() rounded.
         self.trajectory = {"start": None, "steps": [], "settled_at": []}
@@ -191,13 +196,6 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _settle_before_saving(self, module, prefix, keep_vars):
         if self.position == 0:  # between steps (mid-step, the weights are the step's business)
             self.settle()
-
-    @property
-    def transient(self):
-        """Indices of the dense tensors perturbed module by module (MeZO's default)."""
-        if self.in_place or self.master_weights:
-            return set()
-        return {i for i, _ in self.tensors if i not in self.keys}
 
     def _detach(self):
         for path in (self.side_path, self.dense_path, self.settle_hook):

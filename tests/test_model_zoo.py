@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from zoo import ZOO, tiny_model
+from zoo import ZOO, perturbed_steps, tiny_model
 
 import run_lozo
 from zo_optimizer import ZOOptimizer
@@ -53,13 +53,8 @@ def test_the_side_path_computes_with_the_effective_weights(model_type):
     assert len(optimizer.matrices) == sum(p.shape[0] for p in stacked) + sum(
         p.dim() == 2 for p in model.parameters()
     )  # every 2-D weight and every expert's slice of a stacked one is a LOZO matrix: none falls back to dense
-    for g in [0.7, -1.1, 0.4, 2.0, -0.3]:  # the third step's redraw merges periods 0-2; 3 and 4 stay unmerged
-        optimizer.begin_step()
-        for position in (+1, -1):
-            optimizer.move_to(position)
-            model(input_ids=IDS)
-        optimizer.set_projected_grad(g)
-        optimizer.step()
+    # The third step's redraw merges periods 0-2; 3 and 4 stay unmerged.
+    perturbed_steps(optimizer, model, {"input_ids": IDS}, [0.7, -1.1, 0.4, 2.0, -0.3])
     optimizer.begin_step()
     for position in (+1, -1, 0):
         optimizer.move_to(position)
@@ -122,13 +117,7 @@ def test_on_cuda_the_side_path_in_half_precision_follows_the_effective_weights(m
     model = tiny_model(model_type, VOCAB).to("cuda", dtype)
     optimizer = lozo_optimizer(model)
     ids = IDS.cuda()
-    for g in [0.7, -1.1, 0.4, 2.0]:
-        optimizer.begin_step()
-        for position in (+1, -1):
-            optimizer.move_to(position)
-            model(input_ids=ids)
-        optimizer.set_projected_grad(g)
-        optimizer.step()
+    perturbed_steps(optimizer, model, {"input_ids": ids}, [0.7, -1.1, 0.4, 2.0])
     optimizer.begin_step()
     optimizer.move_to(+1)
     assert all(not m.mirrored and m.left.dtype == dtype for m in optimizer.matrices.values())

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
+from zoo import perturbed_steps
 
 from utils import UsageError
 from zo_optimizer import ZOOptimizer
@@ -21,13 +22,7 @@ def lozo(model, **kwargs):
 
 
 def steps(optimizer, model, inputs, grads=(0.9, -1.3, 0.5)):
-    for g in grads:
-        optimizer.begin_step()
-        for position in (+1, -1):
-            optimizer.move_to(position)
-            model(**inputs)
-        optimizer.set_projected_grad(g)
-        optimizer.step()
+    perturbed_steps(optimizer, model, inputs, grads)
 
 
 class ParentReadsChild(torch.nn.Module):
@@ -147,3 +142,22 @@ def test_float16_side_path_stays_finite_and_close_on_real_activations(smollm2_di
     assert torch.isfinite(logits[torch.float16]).all()
     error = (logits[torch.float16] - logits[torch.float32]).norm() / logits[torch.float32].norm()
     assert error < 5e-3, error
+
+
+def test_an_expert_stack_read_other_than_one_expert_at_a_time_is_refused():
+    """A stacked (experts, m, n) weight is E LOZO matrices: a slice of several experts reads none of them."""
+
+    class Experts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(4, 3, 5))
+
+        def forward(self, x):
+            return F.linear(x, self.weight[0:2].sum(0))
+
+    model = torch.nn.Sequential(Experts())
+    optimizer = lozo(model)
+    optimizer.begin_step()
+    optimizer.move_to(+1)
+    with pytest.raises(UsageError, match=r"cannot train 0\.weight: Experts reads it with __getitem__"):
+        model(torch.randn(2, 5))

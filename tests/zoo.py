@@ -76,6 +76,17 @@ def tiny_model(model_type, vocab_size, seed=0, dtype=torch.float32):
     return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
+def perturbed_steps(optimizer, model, inputs, grads):
+    """Zeroth-order steps as the trainer takes them: a forward at θ+εZ and at θ−εZ, then the update with g."""
+    for g in grads:
+        optimizer.begin_step()
+        for position in (+1, -1):
+            optimizer.move_to(position)
+            model(**inputs)
+        optimizer.set_projected_grad(g)
+        optimizer.step()
+
+
 def supported_models_table():
     """The README's table: each architecture, the class the zoo builds, and what it exercises."""
     from transformers import AutoConfig, AutoModelForCausalLM
