@@ -31,8 +31,8 @@ from checkpoints import (  # noqa: F401  (re-exported: the scripts and tests imp
 )
 from metrics import f1
 from side_path import stochastic_round  # noqa: F401
-from utils import UsageError, model_option_loss, replace_folder
-from zo_optimizer import U_STREAM, V_STREAM, ZOOptimizer, gaussian, stream_seed  # noqa: F401
+from utils import UsageError, model_option_loss, paired, replace_folder
+from zo_optimizer import PAIR, U_STREAM, V_STREAM, ZOOptimizer, gaussian, stream_seed  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,8 @@ class ZOArguments:
     merge_periods: int = 8  # LOZO: V periods kept as factors before they are written into the weights
     zo_in_place: bool = False  # MeZO: MeZO's own in-place arithmetic
     zo_master_weights: bool = False  # MeZO: a float32 master copy of the weights
+    zo_batched_pair: bool = False  # θ+εZ and θ−εZ as one forward of the batch twice
+    zo_queries: int = 1  # directions a step; the update averages them
     zo_trajectory_checkpoints: bool = False  # checkpoints record the steps, not the weights
     save_on_interrupt: bool = False  # SIGTERM / SIGUSR1: checkpoint after this step and stop
     padding_free: bool = True  # pack a batch's sequences side by side (sdpa attention)
@@ -121,6 +123,8 @@ class LowRankTrainer(Trainer):
                     in_place=args.zo_in_place,
                     master_weights=args.zo_master_weights,
                     merge_periods=args.merge_periods,
+                    batched_pair=args.zo_batched_pair,
+                    queries=args.zo_queries,
                     names={id(p): n for n, p in (model or self.model).named_parameters()},
                     replayable=self.saves_trajectories,
                 ),
@@ -133,12 +137,14 @@ class LowRankTrainer(Trainer):
 
     # ---- losses ----
 
-    def loss_sum(self, model, inputs):
-        """(summed loss, number of items) of a batch, so that batches can be combined exactly."""
+    def loss_sum(self, model, inputs, pair=False):
+        """(summed loss, number of items) of a batch, so that batches can be combined exactly; with `pair`
+        ([summed loss at θ+εZ, at θ−εZ], number of items) from one forward of the batch twice."""
         if "gold" in inputs:
-            return self.negative_f1_sum(model, inputs)
+            return self.negative_f1_sum(model, inputs, pair)
         pack = self.zo.padding_free
-        return model_option_loss(model, inputs, self.pad_token_id, reduction="sum", pack=pack)
+        losses = model_option_loss(model, inputs, self.pad_token_id, reduction="sum", pack=pack, pair=pair)
+        return ([total for total, _ in losses], losses[0][1]) if pair else losses
 
     @property
     def pad_token_id(self):
@@ -149,14 +155,14 @@ class LowRankTrainer(Trainer):
         loss = total / count
         return (loss, None) if return_outputs else loss
 
-    def negative_f1_sum(self, model, inputs):
+    def negative_f1_sum(self, model, inputs, pair=False):
         """--non_diff: minus the F1 of greedy answers (SQuAD-style), a loss only ZO methods can use."""
         args, tokenizer = self.args, self.processing_class
         newline = tokenizer.encode(args.eos_token, add_special_tokens=False)[-1]
+        prompts = paired({k: inputs[k] for k in ("input_ids", "attention_mask")}, pair)
         # With several GPUs in one process HF wraps the model in DataParallel, which has no generate().
         output = self.accelerator.unwrap_model(model).generate(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
+            **prompts,
             do_sample=False,
             num_beams=1,
             max_new_tokens=args.max_new_tokens,
@@ -164,8 +170,10 @@ class LowRankTrainer(Trainer):
             pad_token_id=tokenizer.pad_token_id,
         )
         answers = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        scores = [f1(answer.strip(), gold) for answer, gold in zip(answers, inputs["gold"], strict=True)]
-        return -torch.tensor(sum(scores), device=inputs["input_ids"].device), len(scores)
+        golds = inputs["gold"] * (2 if pair else 1)
+        scores = torch.tensor([f1(answer.strip(), gold) for answer, gold in zip(answers, golds, strict=True)])
+        sums = [-half.sum().to(inputs["input_ids"].device) for half in scores.chunk(2 if pair else 1)]
+        return (sums if pair else sums[0]), len(inputs["gold"])
 
     # ---- the zeroth-order step ----
 
@@ -176,8 +184,9 @@ class LowRankTrainer(Trainer):
 
     @torch.no_grad()
     def zo_training_step(self, model, inputs):
-        """Two forward passes at θ ± εZ. Micro-batches of one optimisation step share Z; their losses are
-        summed and g is formed at the last one, which leaves θ − εZ for `optimizer.step()` to restore."""
+        """The losses at θ ± εZ (two forward passes, or one of the batch twice), for each of the step's
+        directions. Micro-batches of one optimisation step share the directions; their losses are summed
+        and g is formed at the last one, which leaves the model perturbed for `optimizer.step()` to end."""
         model.eval()  # dropout off: both losses must see the same function
         inputs = self._prepare_inputs(inputs)
         optimizer = self.zo_optimizer
@@ -186,16 +195,22 @@ class LowRankTrainer(Trainer):
                 "the zeroth-order hooks do not follow DataParallel's model copies (several GPUs in one "
                 "process); run one process per GPU with torchrun (NUM_GPU=N), or drop --no_auto_device"
             )
+        queries = optimizer.queries
         if self._micro_batches == 0:
             optimizer.begin_step()
-            self._loss_sums = torch.zeros(3, dtype=torch.float64)
-        loss_plus, loss_minus, count = self.two_point_losses(model, inputs)
-        self._loss_sums += torch.tensor([float(loss_plus), float(loss_minus), count], dtype=torch.float64)
+            self._loss_sums = torch.zeros(queries, 3, dtype=torch.float64)
+        step_loss = 0.0
+        for query in range(queries):
+            if queries > 1 and (query or self._micro_batches):
+                optimizer.begin_query(query)
+            loss_plus, loss_minus, count = self.two_point_losses(model, inputs)
+            sums = [float(loss_plus), float(loss_minus), count]
+            self._loss_sums[query] += torch.tensor(sums, dtype=torch.float64)
+            step_loss += float(loss_plus + loss_minus) / (2 * count * queries)
         self._micro_batches += 1
         if self.accelerator.gradient_state.sync_gradients:
             self._micro_batches = 0
             optimizer.set_projected_grad(self._projected_grad())
-        step_loss = float(loss_plus + loss_minus) / (2 * count)
         if math.isfinite(step_loss):
             self._last_finite_loss = step_loss
         elif self._last_finite_loss is not None:
@@ -203,10 +218,15 @@ class LowRankTrainer(Trainer):
         return torch.tensor(step_loss / self.current_gradient_accumulation_steps, device=self.args.device)
 
     def two_point_losses(self, model, inputs):
-        """L(θ+εZ) and L(θ−εZ) as (sum, sum, items); the model stays at θ−εZ. If anything fails in
-        between (out of memory, Ctrl-C), it is put back at θ before the error propagates."""
+        """L(θ+εZ) and L(θ−εZ) as (sum, sum, items), from two forwards or (--zo_batched_pair) one of the
+        batch twice; the model stays perturbed. If anything fails in between (out of memory, Ctrl-C), it is
+        put back at θ before the error propagates."""
         optimizer = self.zo_optimizer
         try:
+            if optimizer.pair is not None:
+                optimizer.move_to(PAIR)
+                (loss_plus, loss_minus), count = self.loss_sum(model, inputs, pair=True)
+                return loss_plus, loss_minus, count
             optimizer.move_to(+1)
             loss_plus, count = self.loss_sum(model, inputs)
             optimizer.move_to(-1)
@@ -336,18 +356,19 @@ class LowRankTrainer(Trainer):
             )
 
     def _projected_grad(self):
-        sums = self.reduce_loss_sums(self._loss_sums)
-        loss_plus, loss_minus = (sums[:2] / sums[2]).tolist()
-        projected_grad = (loss_plus - loss_minus) / (2 * self.zo.zo_eps)
-        if not math.isfinite(projected_grad):
-            logger.warning(
-                "step %d: non-finite loss (L+=%s, L-=%s), update skipped (%d skipped so far)",
-                self.state.global_step,
-                loss_plus,
-                loss_minus,
-                self.zo_optimizer.skipped + 1,
-            )
-        return projected_grad
+        """g = (L+ − L−) / 2ε of the step (a list of one per direction with --zo_queries above 1)."""
+        grads = []
+        for loss_plus, loss_minus, count in self.reduce_loss_sums(self._loss_sums).tolist():
+            grads.append((loss_plus / count - loss_minus / count) / (2 * self.zo.zo_eps))
+            if not math.isfinite(grads[-1]):
+                logger.warning(
+                    "step %d: non-finite loss (L+=%s, L-=%s), update skipped (%d skipped so far)",
+                    self.state.global_step,
+                    loss_plus / count,
+                    loss_minus / count,
+                    self.zo_optimizer.skipped + 1,
+                )
+        return grads[0] if len(grads) == 1 else grads
 
     def reduce_loss_sums(self, sums):
         """Data-parallel ZO: sum (L+ sum, L- sum, items) over the replicas, each of which measured its share

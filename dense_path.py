@@ -16,9 +16,9 @@ numbers at a time, and computes those rows' outputs (or looks up the ids in them
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
-from side_path import METADATA, METADATA_PROPERTIES, RunningModules, function_name
+from side_path import METADATA, METADATA_PROPERTIES, PAIR, RunningModules, function_name
 from utils import UsageError
 
 BLOCKED_ABOVE = 1 << 22  # weights of more elements are perturbed block by block (see the module's doc)
@@ -39,7 +39,8 @@ def blocked_kind(module):
 
 class DensePath:
     """Swaps each trainable tensor of `tensors` (id of a parameter -> its optimizer index) for its perturbed
-    copy during the forward of the modules that own it, while `optimizer.position` is not 0."""
+    copy during the forward of the modules that own it, while `optimizer.position` is not 0. With a batched
+    pair (`PAIR`), such a module runs its forward once per half of the batch, with that half's copy."""
 
     def __init__(self, model, optimizer, tensors, names):
         self.model, self.optimizer, self.tensors, self.names = model, optimizer, tensors, names
@@ -55,28 +56,36 @@ class DensePath:
             del self.owned[module]
         owners = [param_id for own in self.owned.values() for param_id in own]
         self.tied = {param_id for param_id in owners if owners.count(param_id) > 1}
-        self.swapped = {}  # id -> [the weights' own data, how many owners' forwards are running]
-        # A tied tensor's perturbed copy (an embedding read again as the LM head), kept until the model's
-        # forward ends, so that it is drawn once a forward: {id: (position, copy)}.
+        self.swapped = {}  # id -> [the weights' own data, owners' forwards running, copies to give back]
+        # A tied tensor's perturbed copies (an embedding read again as the LM head), kept until the model's
+        # forward ends, so that they are drawn once a forward: {id: (position, copies)}.
         self.built = {}
-        # One buffer per shape and dtype, reused by every module of that shape: a fresh allocation for each
+        # Buffers per shape and dtype, reused by every module of that shape: a fresh allocation for each
         # module and forward would fault in new pages each time (a third of a float32 MeZO step on a CPU).
         self.pool = {}
+        self.half = None  # in the forward of a paired module: which half (0: θ+εz, 1: θ−εz) is running
         self.watched, self.watching, self.hooks, self.running = False, False, [], RunningModules()
+        self.forwards = {}  # module -> the forward it had before this path replaced it (None: its class's)
         self.busy = False  # swapping (its own reads of the weights are not the model's)
         self.install()
 
     def install(self):
         for module, kind in self.blocked.items():
-            module.forward = self._blocked_forward(module, kind)
+            self._replace_forward(module, self._blocked_forward(module, kind))
         for module in self.owned:
             self.hooks.append(module.register_forward_pre_hook(self._swap))
             self.hooks.append(module.register_forward_hook(self._restore, always_call=True))
+            if self.optimizer.pair is not None:
+                self._replace_forward(module, self._paired_forward(module, module.forward))
         if self.tied:
             self.hooks.append(self.model.register_forward_hook(self._forget, always_call=True))
         if not self.watched:
             self.hooks.append(self.model.register_forward_pre_hook(self._watch))
             self.hooks.append(self.model.register_forward_hook(self._unwatch, always_call=True))
+
+    def _replace_forward(self, module, forward):
+        self.forwards[module] = module.__dict__.get("forward")
+        module.forward = forward
 
     def _forget(self, model, args, output):
         self.built = {}
@@ -85,8 +94,134 @@ class DensePath:
         for handle in self.hooks:
             handle.remove()
         self.hooks = []
-        for module in self.blocked:
-            module.__dict__.pop("forward", None)  # the class's own forward again
+        for module, forward in self.forwards.items():  # the forward it had (its class's own, or a wrapper's)
+            if forward is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = forward
+        self.forwards = {}
+
+    def position(self):
+        """The position the running forward computes at: the optimizer's, or inside one half of a paired
+        module's forward, that half's."""
+        return self.optimizer.position if self.half is None else (1, -1)[self.half]
+
+    def swaps(self, param_id, position):
+        """Whether a tensor computes with a perturbed copy at `position` (a master's weights are written by
+        the optimizer at ±1; a pair perturbs every dense tensor here)."""
+        return position is PAIR or (
+            position in (1, -1) and self.tensors[param_id] in self.optimizer.transient
+        )
+
+    # ---- copies ----
+
+    def _copies(self, param_id, position):
+        """[round(W + s·εz) for each position s of `position`] of a tensor: drawn now into pooled buffers,
+        or for a tied tensor once a forward."""
+        built = self.built.get(param_id)
+        if built is not None and built[0] == position:
+            return built[1]
+        own, tied = self.params[param_id].data, param_id in self.tied
+        outs = None if tied else [self._take(own) for _ in self.optimizer.signs(position)]
+        copies = self.optimizer.perturbed(self.tensors[param_id], own, position, outs)
+        if tied:
+            self.built[param_id] = (position, copies)
+        return copies
+
+    def _take(self, like):
+        free = self.pool.get((like.shape, like.dtype))
+        return free.pop() if free else torch.empty_like(like)
+
+    def _give_back(self, param_id, copies):
+        if param_id not in self.tied:
+            for copy in copies:
+                self.pool.setdefault((copy.shape, copy.dtype), []).append(copy)
+
+    def _put(self, param_id, copy, copies=None):
+        """Make a tensor compute with `copy` (nested owners of a tied tensor share the first one's)."""
+        entry = self.swapped.get(param_id)
+        if entry is not None:
+            entry[1] += 1
+            return
+        param = self.params[param_id]
+        self.swapped[param_id] = [param.data, 1, copies]
+        param.data = copy
+
+    def _take_back(self, param_id):
+        entry = self.swapped.get(param_id)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.params[param_id].data = entry[0]
+            if entry[2] is not None:
+                self._give_back(param_id, entry[2])
+            del self.swapped[param_id]
+
+    # ---- one position: hooks around the owner's forward ----
+
+    def _swap(self, module, args):
+        position = self.position()
+        if position not in (1, -1) or self.half is not None:
+            return
+        self.busy = True
+        for param_id in self.owned[module]:
+            if self.swaps(param_id, position):
+                if param_id in self.swapped:
+                    self._put(param_id, None)
+                else:
+                    copies = self._copies(param_id, position)
+                    self._put(param_id, copies[0], copies)
+        self.busy = False
+
+    def _restore(self, module, args, output):
+        if self.optimizer.position not in (1, -1) or self.half is not None:
+            return
+        self.busy = True
+        for param_id in self.owned[module]:
+            self._take_back(param_id)
+        self.busy = False
+
+    # ---- the batched pair: the owner's forward once per half ----
+
+    def _paired_forward(self, module, original):
+        def forward(*args, **kwargs):
+            if self.optimizer.position is not PAIR:
+                return original(*args, **kwargs)
+            own = [param_id for param_id in self.owned[module] if param_id not in self.swapped]
+            self.busy = True
+            copies = {param_id: self._copies(param_id, PAIR) for param_id in own}
+            self.busy = False
+            try:
+                if self.half is not None:  # inside a paired ancestor's half: that half's weights
+                    return self._run_half(module, original, copies, self.half, args, kwargs)
+                halves = split_pair(args, kwargs, self.optimizer.pair, type(module).__name__)
+                outputs = []
+                for half, (half_args, half_kwargs) in enumerate(halves):
+                    outputs.append(self._run_half(module, original, copies, half, half_args, half_kwargs))
+                return join_pair(outputs, self.optimizer.pair, type(module).__name__)
+            finally:
+                for param_id, pair in copies.items():
+                    self._give_back(param_id, pair)
+
+        return forward
+
+    def _run_half(self, module, original, copies, half, args, kwargs):
+        outer, self.half = self.half, half
+        self.busy = True
+        for param_id in self.owned[module]:
+            self._put(param_id, copies[param_id][half] if param_id in copies else None)
+        self.busy = False
+        try:
+            return original(*args, **kwargs)
+        finally:
+            self.busy = True
+            for param_id in self.owned[module]:
+                self._take_back(param_id)
+            self.busy = False
+            self.half = outer
+
+    # ---- large Linear and Embedding layers: block of rows by block ----
 
     def _blocked_forward(self, module, kind):
         """`module`'s forward while attached: its class's own at θ, else its weight perturbed by blocks."""
@@ -96,7 +231,7 @@ class DensePath:
         }[kind]
 
         def forward(x):
-            position = self.optimizer.position
+            position = self.position()
             if not position:
                 return own_forward(module, x)
             self.busy = True  # its own reads of the weight are not the model's
@@ -107,68 +242,52 @@ class DensePath:
 
         return forward
 
+    def _halves(self, module, tensor, position):
+        """The parts of `tensor` computed at each position: itself, or the pair's two halves."""
+        if position is not PAIR:
+            return [tensor]
+        half = self.optimizer.pair.half(tensor, type(module).__name__)
+        return [tensor[:half], tensor[half:]]
+
     def _linear_by_blocks(self, module, x, position):
-        bias = module.bias
+        bias, signs = module.bias, self.optimizer.signs(position)
+        biases = [bias] * len(signs)
         if bias is not None and id(bias) in self.tensors:
-            bias = self.optimizer.perturbed(self.tensors[id(bias)], bias.data, position)
+            biases = self.optimizer.perturbed(self.tensors[id(bias)], bias.data, position)
         out = x.new_empty(*x.shape[:-1], module.out_features)
+        xs, outs = self._halves(module, x, position), self._halves(module, out, position)
+        parts = list(zip(xs, outs, biases, strict=True))
         i = self.tensors[id(module.weight)]
-        for rows, block in self.optimizer.perturbed_rows(i, module.weight.data, position):
-            out[..., rows] = F.linear(x, block, None if bias is None else bias[rows])
+        for rows, blocks in self.optimizer.perturbed_rows(i, module.weight.data, position):
+            for (x_part, out_part, b), block in zip(parts, blocks, strict=True):
+                out_part[..., rows] = F.linear(x_part, block, None if b is None else b[rows])
         return out
 
     def _embedding_by_blocks(self, module, ids, position):
         out = F.embedding(ids, module.weight.data, module.padding_idx)
-        flat, rows_out = ids.reshape(-1), out.view(-1, out.shape[-1])
+        parts = [
+            (ids_part.reshape(-1), out_part.view(-1, out.shape[-1]))
+            for ids_part, out_part in zip(
+                self._halves(module, ids, position), self._halves(module, out, position), strict=True
+            )
+        ]
         i = self.tensors[id(module.weight)]
-        for rows, block in self.optimizer.perturbed_rows(i, module.weight.data, position):
-            hit = (flat >= rows.start) & (flat < rows.stop)
-            if hit.any():
-                rows_out[hit] = block[flat[hit] - rows.start]
+        for rows, blocks in self.optimizer.perturbed_rows(i, module.weight.data, position):
+            for (flat, rows_out), block in zip(parts, blocks, strict=True):
+                hit = (flat >= rows.start) & (flat < rows.stop)
+                if hit.any():
+                    rows_out[hit] = block[flat[hit] - rows.start]
         return out
-
-    def _swap(self, module, args):
-        position = self.optimizer.position
-        if not position:
-            return
-        self.busy = True
-        for param_id in self.owned[module]:
-            entry = self.swapped.get(param_id)
-            if entry is not None:  # tied: another owner's forward already swapped it
-                entry[1] += 1
-                continue
-            param = self.params[param_id]
-            own = param.data
-            built = self.built.get(param_id)
-            if built is None or built[0] != position:
-                buffer = None if param_id in self.tied else self.pool.pop((own.shape, own.dtype), None)
-                copy = self.optimizer.perturbed(self.tensors[param_id], own, position, out=buffer)
-                built = (position, copy)
-                if param_id in self.tied:
-                    self.built[param_id] = built
-            param.data = built[1]
-            self.swapped[param_id] = [own, 1]
-        self.busy = False
-
-    def _restore(self, module, args, output):
-        for param_id in self.owned[module]:
-            entry = self.swapped.get(param_id)
-            if entry is None:
-                continue
-            entry[1] -= 1
-            if entry[1] == 0:
-                self.busy = True
-                param = self.params[param_id]
-                if param_id not in self.tied:
-                    self.pool[entry[0].shape, entry[0].dtype] = param.data
-                param.data = entry[0]
-                del self.swapped[param_id]
-                self.busy = False
 
     # ---- the watched first perturbed forward ----
 
     def _watch(self, model, args):
-        if self.watched or self.watching or not self.optimizer.position:
+        position = self.optimizer.position
+        if (
+            self.watched
+            or self.watching
+            or not any(self.swaps(param_id, position) for param_id in self.params)
+        ):
             return
         self.watching = True
         self.running.start(model)
@@ -189,9 +308,14 @@ class DensePath:
     def refuse(self, param_id, reader):
         name = self.names.get(param_id, "a trained tensor")
         module = type(self.running.innermost(self.model)).__name__
+        way_out = (
+            "drop --zo_batched_pair"
+            if self.optimizer.pair is not None
+            else "add --zo_master_weights (a float32 master copy) or --zo_in_place"
+        )
         raise UsageError(
-            f"MeZO cannot perturb {name} module by module: {module} reads it with {reader} outside the "
-            "module that owns it; add --zo_master_weights (a float32 master copy) or --zo_in_place"
+            f"cannot perturb {name} module by module: {module} reads it with {reader} outside the module "
+            f"that owns it; {way_out}"
         )
 
 
@@ -211,6 +335,55 @@ class UnswappedReads(TorchFunctionMode):
             and getattr(func, "__self__", None) not in METADATA_PROPERTIES
         ):
             for leaf in tree_leaves((args, kwargs)):
-                if id(leaf) in path.params and id(leaf) not in path.swapped and path.params[id(leaf)] is leaf:
+                if (
+                    id(leaf) in path.params
+                    and id(leaf) not in path.swapped
+                    and path.params[id(leaf)] is leaf
+                    and path.swaps(id(leaf), path.optimizer.position)
+                ):
                     path.refuse(id(leaf), function_name(func))
         return func(*args, **kwargs)
+
+
+def split_pair(args, kwargs, pair, what):
+    """The (args, kwargs) of a paired forward as two: every tensor of the paired batch's leading size cut
+    into its halves, anything else passed to both."""
+    flat = all(not isinstance(x, (list, tuple, dict)) for x in (*args, *kwargs.values()))
+    leaves, spec = ([*args, *kwargs.values()], None) if flat else tree_flatten((args, kwargs))
+    batched = [isinstance(x, torch.Tensor) and pair.batched(x) for x in leaves]
+    if not any(batched) and any(isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == 1 for x in leaves):
+        return [(args, kwargs)] * 2  # inputs shared by the batch (positions (1, T)): see join_pair
+    if not any(batched):
+        raise UsageError(
+            f"--zo_batched_pair cannot split the forward of {what}: none of its inputs has the paired "
+            f"batch's leading sizes {pair.sizes}; drop --zo_batched_pair"
+        )
+    halves = []
+    for half in (0, 1):
+        cut = [x.chunk(2)[half] if split else x for x, split in zip(leaves, batched, strict=True)]
+        if spec is None:
+            halves.append((tuple(cut[: len(args)]), dict(zip(kwargs, cut[len(args) :], strict=True))))
+        else:
+            halves.append(tree_unflatten(cut, spec))
+    return halves
+
+
+def join_pair(outputs, pair, what):
+    """The two halves' outputs of a paired forward as one: their tensors concatenated along the batch (an
+    output shared by the batch, of leading size 1, expanded to the half's rows first)."""
+    if all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in outputs):
+        if outputs[0].shape[0] == 1 != pair.sizes[0]:
+            outputs = [x.expand(pair.sizes[0] // 2, *x.shape[1:]) for x in outputs]
+        return torch.cat(outputs)
+    (first, spec), (second, _) = tree_flatten(outputs[0]), tree_flatten(outputs[1])
+    joined = []
+    for a, b in zip(first, second, strict=True):
+        if isinstance(a, torch.Tensor) and a.dim() > 0:
+            joined.append(torch.cat([a, b]))
+        elif not isinstance(a, torch.Tensor) and a == b:
+            joined.append(a)
+        else:
+            raise UsageError(
+                f"--zo_batched_pair cannot join the two halves' outputs of {what}; drop --zo_batched_pair"
+            )
+    return tree_unflatten(joined, spec)

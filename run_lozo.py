@@ -143,6 +143,14 @@ class OurArguments(TrainingArguments):
         "MeZO: keep a float32 master copy of the weights (+4 bytes a weight) that takes the update exactly; "
         "by default half-precision weights take it with stochastic rounding (inference memory)",
     )
+    zo_batched_pair: bool = option(
+        False,
+        "zeroth-order: evaluate θ+εZ and θ−εZ in one forward pass of the batch twice instead of two passes "
+        "(the same g; faster where one forward of 2B rows costs less than two of B; twice the activations)",
+    )
+    zo_queries: int = option(
+        1, "zeroth-order: directions a step, each with its own ±ε pair; the update averages their g·Z"
+    )
     non_diff: bool = option(
         False, "zeroth-order only: train on minus the F1 of generated answers (SQuAD, DROP)"
     )
@@ -258,6 +266,16 @@ def validate_arguments(args):
             not (args.zo_in_place and args.trainer != "zo"),
             "--zo_in_place is MeZO's arithmetic (--trainer zo); LOZO never writes perturbations into its "
             "matrices",
+        ),
+        (args.zo_queries >= 1, f"--zo_queries must be >= 1, got {args.zo_queries}"),
+        (
+            not ((args.zo_batched_pair or args.zo_queries > 1) and args.trainer not in ("zo", "LOZO")),
+            "--zo_batched_pair and --zo_queries are zeroth-order options: add --trainer zo or --trainer LOZO",
+        ),
+        (
+            not ((args.zo_batched_pair or args.zo_queries > 1) and args.zo_in_place),
+            "--zo_in_place holds one perturbation in the weights at a time: drop it to use "
+            "--zo_batched_pair or --zo_queries",
         ),
         (
             args.lozo_optimizer in LOZO_OPTIMIZERS,

@@ -39,6 +39,36 @@ logger = logging.getLogger(__name__)
 CHUNK = 1 << 20  # elements per row block of a merge: no parameter-sized temporary
 
 X_WT, X_W, ROWS, COLS = "x·Wᵀ", "x·W", "W[ids]", "Wᵀ[ids]"
+
+# The position of a batched ± pair (--zo_batched_pair): the forward's batch is the micro-batch twice, its
+# first half computed at θ+εZ and its second at θ−εZ.
+PAIR = "±"
+
+
+class PairBatch:
+    """The batch a paired forward is running, as the leading sizes its reads may have: its rows (the model
+    input's first dimension), its tokens (rows × sequence length, as modules that flatten their input see
+    it, e.g. OPT's feed-forward blocks) and its kept positions (an LM head fed only the positions of
+    `logits_to_keep`), each in batch order; set from the model's input by the optimizer's root hook. `half`
+    checks that a read's input has one of them, so that its halves are the two positions: tokens routed to
+    experts, or a sequence-first layout, are refused rather than split wrongly."""
+
+    def __init__(self):
+        self.sizes = ()
+
+    def batched(self, x):
+        return x.dim() > 0 and x.shape[0] in self.sizes
+
+    def half(self, x, what):
+        if not self.batched(x):
+            raise UsageError(
+                f"--zo_batched_pair cannot split {what}: it reads a tensor of leading size {x.shape[0]}, "
+                f"not one of the paired batch's (rows, tokens, kept positions: {self.sizes}; tokens routed "
+                "to experts, or a sequence-first layout); drop --zo_batched_pair"
+            )
+        return x.shape[0] // 2
+
+
 TRANSPOSED = {X_WT: X_W, X_W: X_WT, ROWS: COLS, COLS: ROWS}
 TYPED_READS = ((torch.nn.Linear, X_WT), (Conv1D, X_W), (torch.nn.Embedding, ROWS))
 
@@ -109,17 +139,20 @@ class LowRankMatrix:
     period's update so far and A_old, V_old the finished periods not merged yet (`periods` of them); `scale`
     is the weight decay since the last merge, kept as one number so that decay never rounds a factor.
 
-    The factors live transposed in two buffers of W's dtype, `left` ((1 + capacity)·r × m) and `right`
-    ((1 + capacity)·r × n): rows 0…r−1 hold this period, the next rows A_old and V_old, and the forward
-    multiplies by their first r + `used` rows. C accumulates in float32 and is rounded once per move; the
-    merge writes exactly what the forward computed with. In float16 (on a GPU) the rows of `right` are V's
-    columns scaled to unit length (and `left`'s rows scaled up to match), so that x·V cannot overflow
-    float16's range for any input whose norm fits in it: the side path runs in float16, no float32 copy."""
+    The factors live transposed in two buffers of W's dtype, `left` and `right` ((2 + capacity)·r rows of m
+    and n numbers): rows 0…r−1 hold this period, the next rows A_old and V_old, and the forward multiplies by
+    their first r + `used` rows. At the batched pair's position (`PAIR`), r more rows follow, (ε/scale)·Uᵀ
+    and V again, whose products the forward negates for the second half of the batch (θ−εZ). C accumulates
+    in float32 and is rounded once per move; the merge writes exactly what the forward computed with. In
+    float16 (on a GPU) the rows of `right` are V's columns scaled to unit length (and `left`'s rows scaled up
+    to match), so that x·V cannot overflow float16's range for any input whose norm fits in it: the side
+    path runs in float16, no float32 copy."""
 
-    def __init__(self, param, rank, eps, capacity, expert=None):
+    def __init__(self, param, rank, eps, capacity, expert=None, pair=None):
         self.param, self.expert, self.rank, self.eps = param, expert, rank, eps
+        self.pair = pair  # the PairBatch of a batched pair
         m, n = self.weight.shape
-        rows = (1 + capacity) * rank
+        rows = (2 + capacity) * rank  # this period, `capacity` finished ones, the pair's ±εU
         self.left = torch.zeros(rows, m, dtype=param.dtype, device=param.device)
         self.right = torch.zeros(rows, n, dtype=param.dtype, device=param.device)
         self.exact_dtype = torch.promote_types(param.dtype, torch.float32)  # of C, U and the merge
@@ -150,13 +183,14 @@ class LowRankMatrix:
         return self.used // self.rank
 
     def _views(self):
-        k = self.rank + self.used
+        k = 2 * self.rank + self.used if self.position is PAIR else self.rank + self.used
         self.At, self.Bt = self.left[:k], self.right[:k]  # Aᵀ (k×m) and Bᵀ (k×n): the forward's factors
         self.mirrors = None  # float32 copies, made when a small batch first needs them after a change
 
     def current(self):
         """This period's rows of the left factor, in float32: C + position·(ε/scale)·U (times V's norms)."""
-        rows = self.C if self.position == 0 else self.C + (self.position * self.eps / self.scale) * self.U
+        moved = self.position not in (0, PAIR)  # the pair's ±εU has rows of its own
+        rows = self.C + (self.position * self.eps / self.scale) * self.U if moved else self.C
         return rows * self.norms if self.normalized else rows
 
     def begin_period(self, V):
@@ -178,6 +212,11 @@ class LowRankMatrix:
     def move_to(self, position):
         self.position = position
         self.left[: self.rank] = self.current().T
+        if position is PAIR:
+            r, k = self.rank, self.rank + self.used
+            U = (self.eps / self.scale) * self.U
+            self.left[k : k + r] = (U * self.norms if self.normalized else U).T
+            self.right[k : k + r] = self.right[:r]
         self.active = position != 0 or self.used > 0 or bool(self.C.any()) or self.scale != 1.0
         self._views()
 
@@ -212,6 +251,10 @@ class LowRankMatrix:
         output of the same read of the effective weight W + A·Bᵀ."""
         if not self.active:
             return output
+        if self.position is PAIR and x.shape[0] == 1 != self.pair.sizes[0]:
+            # A read shared by the batch (positions (1, T), broadcast later): each half gets its own rows.
+            rows = self.pair.sizes[0]
+            x, output = x.expand(rows, *x.shape[1:]), output.expand(rows, *output.shape[1:]).contiguous()
         At, Bt = self.At, self.Bt
         if self.mirrored and (self.normalized or output.numel() <= SMALL_ROWS * output.shape[-1]):
             if self.mirrors is None:
@@ -225,6 +268,9 @@ class LowRankMatrix:
             h, second = F.embedding(x, At.T), Bt
         else:  # Wᵀ[ids] + B[ids]·Aᵀ
             h, second = F.embedding(x, Bt.T), At
+        if self.position is PAIR:  # the second half of the rows computes at θ−εZ: −εU's products
+            half = self.pair.half(x, f"a ({self.C.shape[0]}, {self.right.shape[1]}) matrix")
+            h[half:, ..., -self.rank :].neg_()
         add_product_(output, h, second)
         if self.scale != 1.0:  # scale·(read of W + side) + bias
             output.mul_(self.scale)
@@ -236,6 +282,8 @@ class LowRankMatrix:
         """The effective weight, as the forward computes with it, in float32 (for tests and benchmarks: it is
         parameter-sized)."""
         exact = self.exact_dtype
+        if self.position is PAIR:
+            raise RuntimeError("a batched pair computes with two weights: move to +1 or -1 for one of them")
         return torch.addmm(self.weight.to(exact), self.At.T.to(exact), self.Bt.to(exact)).mul_(self.scale)
 
     def state(self):

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from dense_path import DensePath
-from side_path import CHUNK, LowRankMatrix, SidePath, stochastic_round
+from side_path import CHUNK, PAIR, LowRankMatrix, PairBatch, SidePath, stochastic_round
 from utils import UsageError
 
 logger = logging.getLogger(__name__)
@@ -113,7 +113,16 @@ class ZOOptimizer(torch.optim.Optimizer):
         names=None,
         replayable=False,
         master_weights=False,
+        batched_pair=False,
+        queries=1,
     ):
+        if queries < 1:
+            raise UsageError(f"--zo_queries {queries}: a step needs at least one direction; use 1 or more")
+        if in_place and (batched_pair or queries > 1):
+            raise UsageError(
+                "--zo_in_place holds one perturbation in the weights at a time: it takes neither "
+                "--zo_batched_pair nor --zo_queries above 1; drop --zo_in_place"
+            )
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         self.eps, self.seed, self.low_rank, self.in_place = eps, seed, low_rank, in_place
         # Dense tensors (MeZO's; LOZO's biases and norms): a float32 master copy (LOZO always, MeZO with
@@ -121,6 +130,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.master_weights = master_weights or (low_rank and not in_place)
         self.rank, self.step_interval, self.beta = rank, step_interval, momentum
         self.merge_periods = merge_periods
+        self.queries = queries  # directions a step (--zo_queries): the update averages their g·Z
+        self.query = 0  # the direction being evaluated
+        # --zo_batched_pair: θ+εZ and θ−εZ evaluated as one forward of the batch twice (position PAIR)
+        self.pair = PairBatch() if batched_pair else None
         self.replayable = replayable  # hash the starting weights (a full pass over them), so `record` works
         self.tensors = [(i, p) for i, p in enumerate(p for g in self.param_groups for p in g["params"])]
         self.index = {id(p): i for i, p in self.tensors}
@@ -137,7 +150,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             if p.dim() in (2, 3):
                 self.keys[i] = [i] if p.dim() == 2 else [(i, e) for e in range(p.shape[0])]
                 for key in self.keys[i]:
-                    self.matrices[key] = LowRankMatrix(p, rank, eps, merge_periods, expert=expert_of(key))
+                    self.matrices[key] = LowRankMatrix(
+                        p, rank, eps, merge_periods, expert=expert_of(key), pair=self.pair
+                    )
         # Dense tensors perturbed module by module (MeZO's default), else a float32 master copy of each
         # (master_weights), or none (in_place).
         self.transient = (
@@ -148,6 +163,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         # hash of those weights, every step's g and learning rates, and the steps at which settle() rounded.
         self.trajectory = {"start": None, "steps": [], "settled_at": []}
         self.model, self.side_path, self.dense_path, self.settle_hook = None, None, None, None
+        self.pair_hook = None
         self._acquire()
 
     def _acquire(self):
@@ -173,6 +189,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             "in_place": self.in_place,
             "master_weights": self.master_weights,
             "merge_periods": self.merge_periods,
+            "queries": self.queries,
         }
 
     def attach(self, model):
@@ -182,8 +199,17 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self.settle_hook is not None:
             return
         self.settle_hook = model.register_state_dict_pre_hook(self._settle_before_saving)
-        if self.transient:
-            tensors = {id(p): i for i, p in self.tensors if i in self.transient}
+        if self.pair is not None:
+            if any(isinstance(key, tuple) for key in self.matrices):
+                raise UsageError(
+                    "--zo_batched_pair cannot split a mixture of experts' routed tokens into the pair's two "
+                    "halves; drop --zo_batched_pair"
+                )
+            self.pair_hook = model.register_forward_pre_hook(self._note_pair_batch, with_kwargs=True)
+        # A pair perturbs every dense tensor module by module, from its master where it has one.
+        dense = {i for i, _ in self.tensors if i not in self.keys} if self.pair else self.transient
+        if dense:
+            tensors = {id(p): i for i, p in self.tensors if i in dense}
             self.dense_path = DensePath(model, self, tensors, self.names)
         if not self.matrices:
             return
@@ -193,19 +219,35 @@ class ZOOptimizer(torch.optim.Optimizer):
             by_id[id(self.tensors[i][1])] = matrices if isinstance(keys[0], tuple) else matrices[0]
         self.side_path = SidePath(model, by_id, self.names)
 
+    def _note_pair_batch(self, model, args, kwargs):
+        """The leading size of a paired forward's input (the model's first tensor argument)."""
+        if self.position is not PAIR:
+            return
+        first = next(
+            (x for x in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args) if x is not None), None
+        )
+        if first is None or first.dim() < 2 or first.shape[0] % 2:
+            raise UsageError("--zo_batched_pair: the model's input is not a paired batch; drop the option")
+        keep = kwargs.get("logits_to_keep")
+        kept = int(keep.sum()) if isinstance(keep, torch.Tensor) and keep.dtype == torch.bool else None
+        self.pair.sizes = (first.shape[0], first.shape[0] * first.shape[1], kept)
+
     def _settle_before_saving(self, module, prefix, keep_vars):
         if self.position == 0:  # between steps (mid-step, the weights are the step's business)
             self.settle()
 
     def _detach(self):
-        for path in (self.side_path, self.dense_path, self.settle_hook):
+        for path in (self.side_path, self.dense_path, self.settle_hook, self.pair_hook):
             if path is not None:
                 path.remove()
-        self.side_path, self.dense_path, self.settle_hook = None, None, None
+        self.side_path, self.dense_path, self.settle_hook, self.pair_hook = None, None, None, None
 
-    def _seed(self, key, step=None):
-        """Seed of tensor (or matrix key) `key`'s U or dense z at `step` (default: the current step)."""
-        return stream_seed(self.seed, U_STREAM, self.zo_step if step is None else step, *as_tuple(key))
+    def _seed(self, key, step=None, query=None):
+        """Seed of tensor (or matrix key) `key`'s U or dense z at `step` for direction `query` (default: the
+        current step and direction; direction 0 draws what a one-direction run draws)."""
+        query = self.query if query is None else query
+        key = as_tuple(key) + ((query,) if query else ())
+        return stream_seed(self.seed, U_STREAM, self.zo_step if step is None else step, *key)
 
     def _rounding(self, key):
         device = self.tensors[as_tuple(key)[0]][1].device
@@ -217,6 +259,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._acquire()
         if self.replayable and self.zo_step == 0 and self.trajectory["start"] is None:
             self.trajectory["start"] = self.fingerprint()
+        self.query = 0
         if self.zo_step % self.step_interval == 0:
             period = self.zo_step // self.step_interval
             for key, matrix in self.matrices.items():
@@ -228,56 +271,84 @@ class ZOOptimizer(torch.optim.Optimizer):
                     self.momentum[key] = self.momentum[key] @ (previous.T @ matrix.V) / n
                 if matrix.periods >= self.merge_periods:
                     matrix.merge(self._rounding(key), current=False)
+        self._draw_U()
+
+    def _draw_U(self):
         for key, matrix in self.matrices.items():
-            U = gaussian((matrix.weight.shape[0], self.rank), self._seed(key), matrix.param.device)
-            matrix.U = U.to(matrix.exact_dtype)
+            matrix.U = self._U(key, self.query)
+
+    def _U(self, key, query):
+        matrix = self.matrices[key]
+        U = gaussian((matrix.weight.shape[0], self.rank), self._seed(key, query=query), matrix.param.device)
+        return U.to(matrix.exact_dtype)
+
+    def begin_query(self, query):
+        """Direction `query` (1 … queries − 1) of this step: its own U (the period's V) or dense z. The next
+        `move_to` computes the model anew."""
+        self.query = query
+        self._draw_U()
+        self.position = None  # every tensor is rewritten by the next move
 
     @torch.no_grad()
     def move_to(self, position):
-        """Make the model compute with θ + position·εZ of this step."""
+        """Make the model compute with θ + position·εZ of this step (position PAIR: the batched pair)."""
         if position == self.position:
             return
         if self.position is None and self.in_place:  # a step failed half-way through the weights
             logger.warning("a zeroth-order step was interrupted mid-update: the weights are not restorable")
-        delta = None if self.position is None else position - self.position
+        delta = position - self.position if self.in_place and self.position is not None else None
+        # A master's weights hold θ at position 0 and for the pair (whose forward perturbs module by module).
+        written, before = (0 if x is PAIR else x for x in (position, self.position))
         for i, p in self.tensors:
             if i in self.keys:
                 for key in self.keys[i]:
                     self.matrices[key].move_to(position)
             elif i in self.masters:
-                self._write_from_master(i, p, position)
+                if written != before:
+                    self._write_from_master(i, p, written)
             elif delta and self.in_place:  # MeZO in place: every move rounds
                 for start, z in dense_noise(p.numel(), self._seed(i), p.device):
                     p.data.view(-1)[start : start + len(z)].add_(z, alpha=delta * self.eps)
         self.position = position
 
-    def perturbed(self, i, weights, position, out=None):
-        """round(W + position·εz) of tensor i in `out` (default: a new tensor like `weights`): what a module
-        computes with during its forward under `DensePath` (one module's weights at a time)."""
-        out = torch.empty_like(weights) if out is None else out
-        flat = weights.view(-1)
+    @staticmethod
+    def signs(position):
+        """The positions a forward computes at: (position,), or (+1, −1) for the batched pair."""
+        return (1, -1) if position is PAIR else (position,)
+
+    def perturbed(self, i, weights, position, outs=None):
+        """[round(W + s·εz) for each position s of `position`] of tensor i (W: its master where it has one),
+        in `outs` (default: new tensors like `weights`), from one draw of z: what a module computes with
+        during its forward under `DensePath` (one module's weights at a time)."""
+        signs = self.signs(position)
+        outs = outs or [torch.empty_like(weights) for _ in signs]
+        flat = self.masters.get(i, weights).view(-1)
         for start, z in dense_noise(weights.numel(), self._seed(i), weights.device):
             end = start + len(z)
-            torch.add(flat[start:end], z, alpha=position * self.eps, out=out.view(-1)[start:end])
-        return out
+            for sign, out in zip(signs, outs, strict=True):
+                torch.add(flat[start:end], z, alpha=sign * self.eps, out=out.view(-1)[start:end])
+        return outs
 
     def perturbed_rows(self, i, weights, position):
-        """(rows, round(W[rows] + position·εz[rows])) for blocks of whole rows of a 2-D tensor i, from the
-        same z as `perturbed`, in one buffer of about CHUNK numbers refilled for each block: use a block
-        before asking for the next one."""
-        n, numel, flat = weights.shape[-1], weights.numel(), weights.reshape(-1)
-        block = torch.empty(max(1, CHUNK // n) * n, dtype=weights.dtype, device=weights.device)
-        filled = first = 0
+        """(rows, [round(W[rows] + s·εz[rows]) for each position s]) for blocks of whole rows of a 2-D
+        tensor i, from the same z as `perturbed`, in buffers of about CHUNK numbers refilled for each block:
+        use a block before asking for the next one."""
+        signs = self.signs(position)
+        n, numel, flat = weights.shape[-1], weights.numel(), self.masters.get(i, weights).reshape(-1)
+        blocks = [
+            torch.empty(max(1, CHUNK // n) * n, dtype=weights.dtype, device=weights.device) for _ in signs
+        ]
+        size, filled, first = len(blocks[0]), 0, 0
         for start, z in dense_noise(numel, self._seed(i), weights.device):
             used = 0
             while used < len(z):
-                take = min(len(z) - used, len(block) - filled)
-                at = start + used
-                torch.add(flat[at : at + take], z[used : used + take], alpha=position * self.eps,
-                          out=block[filled : filled + take])  # fmt: skip
+                take, at = min(len(z) - used, size - filled), start + used
+                for sign, block in zip(signs, blocks, strict=True):
+                    torch.add(flat[at : at + take], z[used : used + take], alpha=sign * self.eps,
+                              out=block[filled : filled + take])  # fmt: skip
                 filled, used = filled + take, used + take
-                if filled == len(block) or start + used == numel:
-                    yield slice(first, first + filled // n), block[:filled].view(-1, n)
+                if filled == size or start + used == numel:
+                    yield slice(first, first + filled // n), [block[:filled].view(-1, n) for block in blocks]
                     first, filled = first + filled // n, 0
 
     def _write_from_master(self, i, p, position):
@@ -300,24 +371,49 @@ class ZOOptimizer(torch.optim.Optimizer):
         if g is None:
             raise RuntimeError("ZOOptimizer.step() needs set_projected_grad() first")
         self.trajectory["steps"].append([g, [group["lr"] for group in self.param_groups]])
-        finite = math.isfinite(g)
+        gs = list(g) if isinstance(g, (list, tuple)) else [g]  # one g per direction (--zo_queries)
+        if len(gs) != self.queries:
+            raise RuntimeError(f"ZOOptimizer.step() needs {self.queries} projected gradients, got {len(gs)}")
+        finite = all(math.isfinite(x) for x in gs)
         if not finite:
             self.skipped += 1
-            g = 0.0
-        restore, self.position = -self.position, None  # None until every tensor is updated (see move_to)
+            gs = [0.0] * len(gs)
+        restore = -self.position if self.in_place else 0
+        self.position = None  # None until every tensor is updated (see move_to)
         # The groups are read now: the lr scheduler (and load_state_dict) replace their values.
         for group in self.param_groups:
             lr, decay = (group["lr"], 1.0 - group["lr"] * group["weight_decay"]) if finite else (0.0, 1.0)
             for p in group["params"]:
                 i = self.index[id(p)]
                 for key in self.keys.get(i, ()):
-                    matrix = self.matrices[key]
-                    matrix.update(self._low_rank_direction(key, g * matrix.U, finite), lr, decay)
+                    gU = self._projected_U(key, gs)
+                    self.matrices[key].update(self._low_rank_direction(key, gU, finite), lr, decay)
                 if i not in self.keys:
-                    self._step_dense(i, p, g, lr, decay, restore, finite)
+                    self._step_dense(i, p, gs, lr, decay, restore, finite)
         self.zo_step += 1
         self.projected_grad = None
         self.position = 0
+
+    def _projected_U(self, key, gs):
+        """g·U, or with several directions the average of their g_k·U_k (all under the period's V)."""
+        if len(gs) == 1:
+            return gs[0] * self.matrices[key].U
+        return sum((g / len(gs)) * self._U(key, k) for k, g in enumerate(gs))
+
+    def _dense_direction(self, i, p, gs):
+        """(start, d, g) chunk by chunk: the step's direction over the chunk is g·d, z and g for one
+        direction, the average of g_k·z_k (and g = 1) for several."""
+        streams = [dense_noise(p.numel(), self._seed(i, self.zo_step, k), p.device) for k in range(len(gs))]
+        if len(gs) == 1:
+            yield from ((start, z, gs[0]) for start, z in streams[0])
+            return
+        average = torch.empty(min(CHUNK, p.numel()), dtype=torch.float32, device=p.device)
+        for chunks in zip(*streams, strict=True):
+            start, d = chunks[0][0], average[: len(chunks[0][1])]
+            torch.mul(chunks[0][1], gs[0] / len(gs), out=d)
+            for (_, z), g in zip(chunks[1:], gs[1:], strict=True):
+                d.add_(z, alpha=g / len(gs))
+            yield start, d, 1.0
 
     def _low_rank_direction(self, key, gU, finite):
         """g·U, or for LOZO-M the momentum N ← βN + (1−β)·g·U, started at N₀ = g₀U₀ as the released code
@@ -330,7 +426,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             self.momentum[key] = N
         return torch.zeros_like(gU) if N is None else N
 
-    def _step_dense(self, i, p, g, lr, decay, restore, finite):
+    def _step_dense(self, i, p, gs, lr, decay, restore, finite):
         """One pass, W ← decay·W − η(g·z or m): on the master (then copied into the weights), on the weights
         in place (undoing the perturbation too), or for a tensor perturbed module by module on the weights
         computed in float32 and rounded once, stochastically in half precision (rounding to nearest would
@@ -344,7 +440,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         back = decay * restore * self.eps if self.in_place else 0.0  # in place: undo the perturbation too
         rounded = master is None and not self.in_place and p.dtype != torch.float32
         generator = self._rounding(i) if rounded else None
-        for start, z in dense_noise(p.numel(), self._seed(i, self.zo_step), p.device):
+        for start, z, g in self._dense_direction(i, p, gs):
             stored = weights[start : start + len(z)]
             w = stored.float() if rounded else stored
             if decay != 1.0:
@@ -391,7 +487,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             return weights[0] if p.dim() == 2 else torch.stack(weights)
         exact = torch.promote_types(p.dtype, torch.float32)
         if i in self.transient and self.position:
-            return self.perturbed(i, p.detach(), self.position).to(exact)
+            return self.perturbed(i, p.detach(), self.position)[0].to(exact)
         weight = self.masters[i] if i in self.masters else p.detach()
         weight = weight.to(exact, copy=True)
         if i in self.masters and self.position:

@@ -61,6 +61,10 @@ METHODS = [
     *("LOZO-released", "MeZO-released", "FT-AdamW"),
 ]
 METHODS += [f"LOZO-r{r}" for r in (1, 2, 4, 8)]
+# --zo_batched_pair (the pair as one forward of 2B rows) and --zo_queries 4, and the unit they are held to:
+# one inference forward of the batch twice.
+METHODS += ["forward-2B", "LOZO-pair", "LOZO-M-pair", "MeZO-pair", "LOZO-q4", "LOZO-pair-q4", "MeZO-q4"]
+METHODS += ["MeZO-pair-q4"]
 LR, EPS, SEED = 1e-6, 1e-3, 0
 
 
@@ -110,6 +114,8 @@ def make_trainer(model, tokenizer, method, batch, output_dir):
     import run_lozo
     from LOZOtrainer import LowRankTrainer
 
+    method, pair, queries = method.removesuffix("-q4"), "-pair" in method, 4 if method.endswith("-q4") else 1
+    method = method.removesuffix("-pair")
     trainer_name = {"MeZO": "zo", "MeZO-master": "zo", "MeZO-in-place": "zo", "FT-AdamW": "regular"}.get(
         method, "LOZO"
     )
@@ -123,6 +129,7 @@ def make_trainer(model, tokenizer, method, batch, output_dir):
         argv += ["--zo_master_weights"]
     if method.startswith("LOZO-r"):
         argv += ["--rank_r", method.removeprefix("LOZO-r")]
+    argv += ["--zo_batched_pair"] * pair + ["--zo_queries", str(queries)]
     if model.device.type == "cpu":
         argv += ["--use_cpu"]
     args = run_lozo.parse_args(argv)
@@ -212,7 +219,8 @@ def run_worker(opts):
     def loss():
         return model_option_loss(model, batch, pad)
 
-    def reference_forward():  # the unit, measured beside each step: a busy shared machine slows both alike
+    def reference_forward(inputs=None):  # the unit, measured beside each step: a busy shared machine slows
+        # both alike
         paths = [getattr(optimizer, name, None) for name in ("side_path", "dense_path")]
         paths = [path for path in paths if path is not None]
         for path in paths:  # the plain model's forward, without LOZO's side path or MeZO's swaps
@@ -220,7 +228,7 @@ def run_worker(opts):
         training = model.training
         model.eval()
         with torch.inference_mode():
-            loss()
+            model_option_loss(model, inputs or batch, pad)
         model.train(training)
         for path in paths:
             path.install()
@@ -228,6 +236,11 @@ def run_worker(opts):
     method, step, weight_passes, optimizer = opts.worker, 0, None, None
     if method == "forward":
         run_step = reference_forward
+    elif method == "forward-2B":  # one forward of the batch twice: what a batched pair's forward computes
+        twice = {k: torch.cat([v, v]) for k, v in batch.items()}
+
+        def run_step():
+            reference_forward(twice)
 
     elif method.endswith("-released"):
         v_factors = {}
@@ -254,11 +267,14 @@ def run_worker(opts):
                 trainer.zo_training_step(model, batch)
                 optimizer.step()
 
-            def weight_passes(g=0.0):  # the step without its two forward passes: what the method itself costs
+            def weight_passes(g=0.0):  # the step without its forward passes: what the method itself costs
                 optimizer.begin_step()
-                optimizer.move_to(+1)
-                optimizer.move_to(-1)
-                optimizer.set_projected_grad(g)
+                for query in range(optimizer.queries):
+                    if query:
+                        optimizer.begin_query(query)
+                    optimizer.move_to(+1)
+                    optimizer.move_to(-1)
+                optimizer.set_projected_grad(g if optimizer.queries == 1 else [g] * optimizer.queries)
                 optimizer.step()
 
             if optimizer.matrices:  # LOZO: time the steps with the most unmerged periods a run carries

@@ -391,6 +391,13 @@ BAD_INPUTS = {
     "zo-eps-0": (["--zo_eps", "0"], ["--zo_eps"]),
     "beta1-1": (["--beta1", "1.0"], ["--beta1"]),
     "merge-periods-0": (["--merge_periods", "0"], ["--merge_periods"]),
+    "queries-0": (["--trainer", "zo", "--zo_queries", "0"], ["--zo_queries"]),
+    "pair-without-zo": (["--trainer", "regular", "--zo_batched_pair"], ["--zo_batched_pair", "--trainer zo"]),
+    "pair-in-place": (
+        ["--trainer", "zo", "--zo_in_place", "--zo_batched_pair"],
+        ["--zo_in_place", "--zo_batched_pair"],
+    ),
+    "queries-in-place": (["--trainer", "zo", "--zo_in_place", "--zo_queries", "4"], ["--zo_queries"]),
     "compiled-lozo": (
         ["--trainer", "LOZO", "--torch_compile", "--train_set_seed", "0"],
         ["--torch_compile", "LOZO"],

@@ -26,6 +26,9 @@ METHODS = {
     "LOZO-M": ["--trainer", "LOZO", "--lozo_optimizer", "sgdm"],
     "MeZO": ["--trainer", "zo"],
     "MeZO-master": ["--trainer", "zo", "--zo_master_weights"],
+    # the batched pair (one forward of the batch twice) and several directions a step
+    "LOZO-pair-q2": ["--trainer", "LOZO", "--zo_batched_pair", "--zo_queries", "2"],
+    "MeZO-pair": ["--trainer", "zo", "--zo_batched_pair"],
 }
 
 

@@ -34,6 +34,21 @@ METHODS = {
     ],
     "MeZO": ["--trainer", "zo"],
     "MeZO-in-place": ["--trainer", "zo", "--zo_in_place"],  # every perturbation rounds: replayed too
+    # several directions a step (their g's recorded), evaluated as batched pairs
+    "LOZO-M-pair-q3": [
+        "--trainer",
+        "LOZO",
+        "--lozo_optimizer",
+        "sgdm",
+        "--step_interval",
+        "2",
+        "--merge_periods",
+        "1",
+        "--zo_batched_pair",
+        "--zo_queries",
+        "3",
+    ],  # fmt: skip
+    "MeZO-q2": ["--trainer", "zo", "--zo_queries", "2"],
 }
 
 

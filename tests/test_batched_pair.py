@@ -1,0 +1,213 @@
+"""--zo_batched_pair: θ+εZ and θ−εZ evaluated as one forward of the batch twice, with the losses, and so the
+projected gradient, of the two forwards it replaces; --zo_queries: several directions a step, the update
+their average."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import run_lozo
+import tasks
+from LOZOtrainer import TRAJECTORY_NAME
+from tests.zoo import ZOO, tiny_model
+from utils import UsageError, model_option_loss
+from zo_optimizer import PAIR, ZOOptimizer, dense_noise
+
+IDS = torch.tensor([[2, 100, 2000, 31, 4000, 7], [2, 8, 9, 10, 11, 12]])
+METHODS = {
+    "LOZO": dict(low_rank=True),
+    "LOZO-M": dict(low_rank=True, momentum=0.9),
+    "MeZO": dict(),
+    "MeZO-master": dict(master_weights=True),
+}
+
+
+def relative(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+@torch.no_grad()
+def pair_and_two_passes(model, inputs, **settings):
+    """The logits at θ+εZ and θ−εZ of one step (after a first step, so that LOZO's factors hold an update):
+    from the batched pair, and from two forwards."""
+    optimizer = ZOOptimizer(model.parameters(), lr=1e-2, eps=1e-2, seed=5, batched_pair=True, **settings)
+    optimizer.attach(model)
+    twice = {k: torch.cat([v, v]) for k, v in inputs.items()}
+    optimizer.begin_step()
+    optimizer.move_to(PAIR)
+    model(**twice)
+    optimizer.set_projected_grad(3.0)
+    optimizer.step()
+    optimizer.begin_step()
+    two_passes = []
+    for position in (+1, -1):
+        optimizer.move_to(position)
+        two_passes.append(model(**inputs).logits)
+    optimizer.move_to(PAIR)
+    pair = model(**twice).logits.chunk(2)
+    optimizer.release()
+    return pair, two_passes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_the_pair_computes_both_positions_in_one_forward(family, method, dtype, tiny_opt_dir, tiny_llama_dir):
+    """MeZO's halves compute with the same round(W ± εz) copies as two forwards (bit for bit); LOZO's with
+    the same factors (float32: to rounding; bf16: its factors' rounding, C and εU rounded apart)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = {"opt": tiny_opt_dir, "llama": tiny_llama_dir}[family]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    ids = IDS.clamp(max=model.config.vocab_size - 1)
+    (plus, minus), (two_plus, two_minus) = pair_and_two_passes(model, {"input_ids": ids}, **METHODS[method])
+    assert relative(plus, minus) > 1e-3  # the two positions compute different functions
+    if method.startswith("MeZO"):
+        assert torch.equal(plus, two_plus) and torch.equal(minus, two_minus)
+    else:
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        assert relative(plus, two_plus) < tolerance and relative(minus, two_minus) < tolerance
+
+
+@pytest.mark.parametrize("model_type", list(ZOO))
+def test_every_zoo_architecture_pairs_like_two_forwards(model_type):
+    """LOZO and MeZO on each architecture of the model zoo (float32): the pair's logits are the two forwards'
+    (relative 1e-5); LOZO on a mixture of experts, whose routed tokens the pair cannot split, is refused."""
+    inputs = {"input_ids": IDS.clamp(max=99), "attention_mask": torch.ones_like(IDS)}
+    for method in ("LOZO", "MeZO"):
+        model = tiny_model(model_type, vocab_size=100)
+        moe = any(p.dim() == 3 for p in model.parameters())
+        if moe and method == "LOZO":
+            with pytest.raises(UsageError, match="--zo_batched_pair cannot split a mixture of experts"):
+                pair_and_two_passes(model, inputs, **METHODS[method])
+            continue
+        (plus, minus), (two_plus, two_minus) = pair_and_two_passes(model, inputs, **METHODS[method])
+        assert relative(plus, two_plus) < 1e-5 and relative(minus, two_minus) < 1e-5, method
+
+
+@pytest.mark.parametrize("method", ["LOZO", "MeZO"])
+def test_the_projected_gradient_on_smollm2_and_real_sst2(method, smollm2_dir, data_dir):
+    """SmolLM2-135M in float32 on a real SST-2 batch (the training loss, padded and packed as in training):
+    g from the pair equals g from two forwards to relative 1e-5."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    sentences = [s.data["sentence"] for s in tasks.get_task("SST2", data_dir).samples["train"][:8]]
+    batch = tokenizer(sentences, padding=True, return_tensors="pt")
+    eps = 1e-3
+    optimizer = ZOOptimizer(
+        model.parameters(), lr=1e-6, eps=eps, seed=1, batched_pair=True, **METHODS[method]
+    )
+    optimizer.attach(model)
+    pad = tokenizer.pad_token_id
+    with torch.no_grad():
+        optimizer.begin_step()
+        two = []
+        for position in (+1, -1):
+            optimizer.move_to(position)
+            two.append(model_option_loss(model, batch, pad, pack=True))
+        optimizer.move_to(PAIR)
+        pair = model_option_loss(model, batch, pad, pack=True, pair=True)
+    g_two, g_pair = [float(a - b) / (2 * eps) for a, b in (two, pair)]
+    assert abs(g_pair - g_two) <= 1e-5 * abs(g_two)
+
+
+def trained_grads(tiny_opt_dir, data_dir, out, *extra):
+    """The projected gradients of a short run through run_lozo.py (as its trajectory checkpoint records them)
+    and its trained weights."""
+    argv = [
+        "--task_name", "SST2", "--model_name", str(tiny_opt_dir), "--data_dir", str(data_dir),
+        "--num_train", "16", "--train_set_seed", "0", "--per_device_train_batch_size", "4",
+        "--learning_rate", "1e-4", "--zo_eps", "1e-3", "--max_steps", "4",
+        "--zo_trajectory_checkpoints", "--save_strategy", "steps", "--save_steps", "4", "--no_eval",
+        "--save_model", "--report_to", "none", "--output_dir", str(out), *extra,
+    ]  # fmt: skip
+    assert run_lozo.main(argv) == 0
+    record = json.loads((out / "checkpoint-4" / TRAJECTORY_NAME).read_text())
+    (saved,) = out.glob("*.safetensors")  # the model, or the adapter of --lora / --prefix_tuning
+    return [g for g, _ in record["steps"]], load_file(saved)
+
+
+CLASSIFY = ["--train_as_classification"]
+MODES = {
+    "LOZO": ["--trainer", "LOZO", *CLASSIFY],
+    "LOZO-M, 2 micro-batches": [
+        "--trainer",
+        "LOZO",
+        "--lozo_optimizer",
+        "sgdm",
+        "--gradient_accumulation_steps",
+        "2",
+        *CLASSIFY,
+    ],  # fmt: skip
+    "MeZO": ["--trainer", "zo", *CLASSIFY],
+    "LOZO on LoRA": ["--trainer", "LOZO", "--lora", *CLASSIFY],
+    "MeZO on prefixes": ["--trainer", "zo", "--prefix_tuning", "--num_prefix", "2", *CLASSIFY],
+    "LOZO, 2 directions": ["--trainer", "LOZO", "--zo_queries", "2", *CLASSIFY],
+    "MeZO on minus F1 (generated answers)": [
+        "--task_name",
+        "SQuAD",
+        "--trainer",
+        "zo",
+        "--non_diff",
+        "--max_new_tokens",
+        "3",
+        "--max_length",
+        "120",
+    ],  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_training_with_the_pair_takes_the_two_pass_steps(mode, tiny_opt_dir, data_dir, tmp_path):
+    """Through run_lozo.py (float32): every step's g, and so the trained weights, as with two forwards.
+    (Generation runs the batch twice too: the tiny random model's answers score F1 0 at both positions.)"""
+    two_grads, two_weights = trained_grads(tiny_opt_dir, data_dir, tmp_path / "two", *MODES[mode])
+    grads, weights = trained_grads(
+        tiny_opt_dir, data_dir, tmp_path / "pair", *MODES[mode], "--zo_batched_pair"
+    )
+    flat = torch.tensor(grads, dtype=torch.float64).flatten()
+    two_flat = torch.tensor(two_grads, dtype=torch.float64).flatten()
+    assert len(flat) == 4 * (2 if "2 directions" in mode else 1)
+    assert torch.allclose(flat, two_flat, rtol=1e-4, atol=0)
+    assert weights.keys() == two_weights.keys()
+    for name, weight in weights.items():
+        assert torch.equal(weight, two_weights[name]) or relative(weight, two_weights[name]) < 1e-4, name
+
+
+@torch.no_grad()
+def test_several_directions_average_their_updates():
+    """--zo_queries q: direction 0 is a one-direction run's, each other has its own stream, and the update is
+    the average of g_k·Z_k: LOZO's C = −η·mean(g_k·U_k) under the period's V, MeZO's W − η·mean(g_k·z_k)."""
+    torch.manual_seed(0)
+    matrix, vector = torch.nn.Parameter(torch.randn(12, 8)), torch.nn.Parameter(torch.randn(8))
+    grads, lr = [2.0, -1.0, 0.5], 0.1
+    single = ZOOptimizer([matrix, vector], lr=lr, seed=7, low_rank=True)
+    single.begin_step()
+    first_U = single.matrices[0].U.clone()
+
+    optimizer = ZOOptimizer([matrix, vector], lr=lr, seed=7, low_rank=True, queries=3)
+    optimizer.begin_step()
+    Us, zs = [], []
+    for k in range(3):
+        if k:
+            optimizer.begin_query(k)
+        Us.append(optimizer.matrices[0].U.clone())
+        zs.append(torch.cat([z.clone() for _, z in dense_noise(8, optimizer._seed(1), "cpu")]))
+    assert torch.equal(Us[0], first_U)
+    assert not torch.equal(Us[1], Us[0]) and not torch.equal(zs[2], zs[1])
+    start = vector.detach().clone()
+    optimizer.set_projected_grad(grads)
+    optimizer.step()
+    C = optimizer.matrices[0].C
+    expected = -lr * sum(g * U for g, U in zip(grads, Us, strict=True)) / 3
+    assert torch.allclose(C, expected, rtol=1e-6, atol=1e-9)
+    expected_vector = start - lr * sum(g * z for g, z in zip(grads, zs, strict=True)) / 3
+    assert torch.allclose(vector, expected_vector, rtol=1e-6, atol=1e-9)
+    with pytest.raises(RuntimeError, match="needs 3 projected gradients"):
+        optimizer.begin_step()
+        optimizer.set_projected_grad(1.0)
+        optimizer.step()
