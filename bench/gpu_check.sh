@@ -3,7 +3,7 @@
 # `bash install.sh`: the CUDA tests (drift at lr 0 through training, checkpoints and resume in fp16 and
 # bf16; the side path and merges on CUDA), drift at lr 0 of real SmolLM2 weights in fp16 and bf16 on
 # CUDA, the side path of zoo models in fp16 and bf16, its cost at the launch-bound shape (batch 1×8), and
-# the step benchmark for the OPT-125m and OPT-1.3b shapes in fp16.
+# the step benchmark for the OPT-125m and OPT-1.3b shapes in fp16 (two passes and the batched pair).
 # Everything it writes lands in result/gpu_check/ (OUT overrides), with the log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,5 +21,9 @@ export LOZO_DATA_DIR=${LOZO_DATA_DIR:-$(cd .. && pwd)/shared/data}
     for shape in opt-125m opt-1.3b; do
         python bench/zo_step.py --model "shape:$shape" --device cuda --dtype float16 --batch 16 --seq 256 \
             --methods forward,LOZO,LOZO-M,MeZO,MeZO-in-place,FT-AdamW --out "$OUT/$shape-cuda-float16.json"
+        # the batched pair (one forward of 2B rows) against two passes, and 4 directions a step
+        python bench/zo_step.py --model "shape:$shape" --device cuda --dtype float16 --batch 16 --seq 256 \
+            --methods forward,forward-2B,LOZO,LOZO-pair,MeZO,MeZO-pair,LOZO-q4,LOZO-pair-q4 \
+            --out "$OUT/$shape-cuda-float16-pair.json"
     done
 } 2>&1 | tee "$OUT/log.txt"

@@ -4,7 +4,9 @@
     python bench/zo_step.py --model shape:opt-125m --device cuda --dtype float16
 
 Methods (--methods, comma-separated): forward, LOZO, LOZO-M, MeZO, MeZO-master, MeZO-in-place, LOZO-released,
-MeZO-released, FT-AdamW, LOZO-r1, LOZO-r2, LOZO-r4, LOZO-r8.
+MeZO-released, FT-AdamW, LOZO-r1, LOZO-r2, LOZO-r4, LOZO-r8; with --zo_batched_pair: LOZO-pair, LOZO-M-pair,
+MeZO-pair; with --zo_queries 4: LOZO-q4, LOZO-pair-q4, MeZO-q4, MeZO-pair-q4; and forward-2B, one inference
+forward of the batch twice (what the pair's forward computes).
 
 Each method runs in a fresh process (so its peak memory is its own): after warm-up, the median of
 --steps timed steps. "forward" is one forward pass computing the training loss on the batch in inference
