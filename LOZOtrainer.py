@@ -223,7 +223,7 @@ class LowRankTrainer(Trainer):
         put back at θ before the error propagates."""
         optimizer = self.zo_optimizer
         try:
-            if optimizer.pair is not None:
+            if self.zo.zo_batched_pair:
                 optimizer.move_to(PAIR)
                 (loss_plus, loss_minus), count = self.loss_sum(model, inputs, pair=True)
                 return loss_plus, loss_minus, count

@@ -61,6 +61,9 @@ ZO_METHODS = {
 # dropped unrun and 5e-6 added. LOZO and LOZO-M then chose 5e-6 by dev margins inside the noise of 100
 # dev samples, so the grid was not moved again.
 LR_GRID = (5e-6, 1e-5, 2e-5)
+# Several directions a step at an equal number of forward passes: QUERIES directions (--zo_queries) for
+# STEPS / QUERIES steps, at the rate chosen for one direction, against the one-direction runs above.
+QUERIES, QUERY_TASKS, QUERY_METHODS = 4, ("SST2",), ("LOZO", "MeZO")
 FT_LRS = (1e-5, 3e-5)
 # Zeroth-order checkpoints hold steps, not weights: cheap to write and they leave the run untouched, so
 # often. FT's hold weights and AdamW's moments (1.6 GB): every epoch.
@@ -82,13 +85,14 @@ def common(task, seed, precision="--load_bfloat16"):
     ]  # fmt: skip
 
 
-def zo_run(task, method, seed, lr):
+def zo_run(task, method, seed, lr, queries=1):
     return [
         *common(task, seed), *ZO_METHODS[method], "--num_train", "1000", "--num_dev", "100",
         "--per_device_train_batch_size", "8", "--learning_rate", str(lr), "--zo_eps", "1e-3",
-        "--lr_scheduler_type", "constant", "--max_steps", str(STEPS), "--logging_steps", "10",
-        "--eval_strategy", "steps", "--eval_steps", str(EVAL_EVERY), "--train_as_classification",
+        "--lr_scheduler_type", "constant", "--max_steps", str(STEPS // queries), "--logging_steps", "10",
+        "--eval_strategy", "steps", "--eval_steps", str(EVAL_EVERY // queries), "--train_as_classification",
         *resumable(SAVE_EVERY[method]), "--zo_trajectory_checkpoints",
+        *(["--zo_queries", str(queries)] if queries > 1 else []),
     ]  # fmt: skip
 
 
@@ -154,6 +158,11 @@ def runs():
                 else:
                     argv = ft_run(task, seed, lr) if method == "FT" else zo_run(task, method, seed, lr)
                     planned.append((name, argv))
+        for method in QUERY_METHODS if task in QUERY_TASKS else ():
+            lr = chosen_lr(task, method)
+            for seed in SEEDS if lr is not None else ():
+                name = f"{method}-q{QUERIES}-{task}-seed{seed}"
+                planned.append((name, zo_run(task, method, seed, lr, queries=QUERIES)))
     return planned
 
 
@@ -340,7 +349,8 @@ def study_size():
     """Runs in the whole study, final runs included before their rates are chosen: per task zero-shot,
     ICL per seed, every grid rate on seed 0, and each method on the seeds after 0."""
     selections = len(ZO_METHODS) * len(LR_GRID) + len(FT_LRS)
-    return len(TASKS) * (1 + len(SEEDS) + selections + (len(ZO_METHODS) + 1) * (len(SEEDS) - 1))
+    per_task = 1 + len(SEEDS) + selections + (len(ZO_METHODS) + 1) * (len(SEEDS) - 1)
+    return len(TASKS) * per_task + len(QUERY_TASKS) * len(QUERY_METHODS) * len(SEEDS)
 
 
 # ---- tables and figure from docs/study/ ----
@@ -390,7 +400,31 @@ def tables():
         cells = [cell(accuracies(row, task), seeded=row != "zero-shot") for task in TASKS]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "The seed-0 learning-rate runs, from which the dev column (bold) chose the rates above:"]
-    return [*lines, "", *selection_table()]
+    return [*lines, "", *selection_table(), "", *queries_table()]
+
+
+def queries_table():
+    """One direction a step against QUERIES at the same number of forward passes and rate."""
+    lines = [
+        f"Several directions a step at equal forward passes ({STEPS} steps of one direction against "
+        f"{STEPS // QUERIES} steps of {QUERIES}, the rate chosen for one):",
+        "",
+        "| task | method | directions a step | steps | accuracy (validation) | mean wall time |",
+        "|---|---|---|---|---|---|",
+    ]
+    for task in QUERY_TASKS:
+        for method in QUERY_METHODS:
+            for queries, row in ((1, method), (QUERIES, f"{method}-q{QUERIES}")):
+                names = [f"{row}-{task}-seed{seed}" for seed in SEEDS]
+                found = [(n, DOCS / "results" / f"{n}.json") for n in names]
+                found = [(n, read_result(p)) for n, p in found if p.exists()]
+                values = [100 * metrics["accuracy"] for _, (metrics, _) in found]
+                minutes = [wall_time(n, run)[0] for n, (_, run) in found]
+                time = f"{statistics.mean(minutes):.0f} min" if minutes else "—"
+                lines.append(
+                    f"| {task} | {method} | {queries} | {STEPS // queries} | {cell(values)} | {time} |"
+                )
+    return lines
 
 
 def command_tables(opts):

@@ -303,6 +303,8 @@ def run_worker(opts):
         "forward_s": statistics.median(forward_times),
         "peak_mem_mb": memory.peak,
     }
+    if optimizer is not None and trainer.args.zo_batched_pair:
+        result |= alternated_with_two_passes(trainer, run_step, reference_forward, batch, opts, synchronized)
     if weight_passes is not None:
         result["weight_passes_s"] = statistics.median(
             timed(weight_passes, synchronized) for _ in range(opts.steps)
@@ -311,6 +313,31 @@ def run_worker(opts):
         result["merge_s"] = timed(optimizer.settle, synchronized)
         result["merge_every_steps"] = optimizer.merge_periods * optimizer.step_interval
     print(json.dumps(result))
+
+
+def alternated_with_two_passes(trainer, run_step, reference_forward, batch, opts, synchronized):
+    """A batched-pair method's step, the same step in two passes and a forward of the batch twice, timed in
+    turn in one process (what the pair saves is a few percent: a shared machine's drift would hide it)."""
+    twice = {k: torch.cat([v, v]) for k, v in batch.items()}
+
+    def two_passes():
+        trainer.args.zo_batched_pair = False
+        try:
+            run_step()
+        finally:
+            trainer.args.zo_batched_pair = True
+
+    times = {"pair": [], "two_passes": [], "forward_2B": []}
+    for _ in range(opts.steps):
+        times["pair"].append(timed(run_step, synchronized))
+        times["two_passes"].append(timed(two_passes, synchronized))
+        times["forward_2B"].append(timed(lambda: reference_forward(twice), synchronized))
+    pair, two, forward_2B = (statistics.median(t) for t in times.values())
+    return {
+        "alternated": {"pair_s": pair, "two_passes_s": two, "forward_2B_s": forward_2B},
+        "pair_over_two_passes": pair / two,
+        "pair_over_forward_2B": pair / forward_2B,
+    }
 
 
 def timed(function, synchronized):
@@ -442,6 +469,12 @@ def main():
     out.write_text(json.dumps(report, indent=2))
     chart(report, out.with_suffix(".png"))
     print(table(report))
+    for name, m in report["methods"].items():
+        if "pair_over_two_passes" in m:
+            print(
+                f"{name}, alternated in one process: {m['pair_over_two_passes']:.2f} × its two-pass step, "
+                f"{m['pair_over_forward_2B']:.2f} × one forward of the batch twice"
+            )
     print(f"\n{out}\n{out.with_suffix('.png')}")
 
 
