@@ -163,6 +163,9 @@ def runs():
             for seed in SEEDS if lr is not None else ():
                 name = f"{method}-q{QUERIES}-{task}-seed{seed}"
                 planned.append((name, zo_run(task, method, seed, lr, queries=QUERIES)))
+            if lr is not None:  # its wall time with each pair as one forward of the batch twice
+                argv = [*zo_run(task, method, 0, lr, queries=QUERIES), "--zo_batched_pair"]
+                planned.append((f"{method}-q{QUERIES}-pair-{task}-seed0", argv))
     return planned
 
 
@@ -350,7 +353,7 @@ def study_size():
     ICL per seed, every grid rate on seed 0, and each method on the seeds after 0."""
     selections = len(ZO_METHODS) * len(LR_GRID) + len(FT_LRS)
     per_task = 1 + len(SEEDS) + selections + (len(ZO_METHODS) + 1) * (len(SEEDS) - 1)
-    return len(TASKS) * per_task + len(QUERY_TASKS) * len(QUERY_METHODS) * len(SEEDS)
+    return len(TASKS) * per_task + len(QUERY_TASKS) * len(QUERY_METHODS) * (len(SEEDS) + 1)
 
 
 # ---- tables and figure from docs/study/ ----
@@ -412,6 +415,7 @@ def queries_table():
         "| task | method | directions a step | steps | accuracy (validation) | mean wall time |",
         "|---|---|---|---|---|---|",
     ]
+    pair_rows = []
     for task in QUERY_TASKS:
         for method in QUERY_METHODS:
             for queries, row in ((1, method), (QUERIES, f"{method}-q{QUERIES}")):
@@ -424,7 +428,30 @@ def queries_table():
                 lines.append(
                     f"| {task} | {method} | {queries} | {STEPS // queries} | {cell(values)} | {time} |"
                 )
+            pair_rows.append(pair_row(task, method))
+    pair_rows = [row for row in pair_rows if row]
+    if pair_rows:
+        lines += [
+            "",
+            f"Wall time of seed 0's {QUERIES}-direction run with each ± pair as one forward of the batch "
+            "twice (`--zo_batched_pair`) and as two forwards, on the same kind of machine:",
+            "",
+            "| task | method | two forwards | one forward of 2B rows | accuracy (two / one) |",
+            "|---|---|---|---|---|",
+            *pair_rows,
+        ]
     return lines
+
+
+def pair_row(task, method):
+    names = [f"{method}-q{QUERIES}{variant}-{task}-seed0" for variant in ("", "-pair")]
+    paths = [DOCS / "results" / f"{name}.json" for name in names]
+    if not all(path.exists() for path in paths):
+        return None
+    runs = [read_result(path) for path in paths]
+    minutes = [wall_time(name, run)[0] for name, (_, run) in zip(names, runs, strict=True)]
+    accuracy = " / ".join(f"{100 * metrics['accuracy']:.1f}" for metrics, _ in runs)
+    return f"| {task} | {method} | {minutes[0]:.0f} min | {minutes[1]:.0f} min | {accuracy} |"
 
 
 def command_tables(opts):

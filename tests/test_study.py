@@ -55,10 +55,10 @@ def test_every_planned_command_is_accepted(empty_study, tmp_path, monkeypatch):
 
 
 def test_the_list_counts_finished_runs_and_shows_where_unfinished_ones_stand(empty_study, capsys):
-    """75 runs in all (3 tasks x (zero-shot, 3 ICL, 9 + 2 grid rates, 4 methods x 2 more seeds), and LOZO and
-    MeZO with 4 directions a step on SST-2's 3 seeds); seed 0's final run is its selection run and is not
-    counted twice."""
-    assert study.study_size() == 75
+    """77 runs in all (3 tasks x (zero-shot, 3 ICL, 9 + 2 grid rates, 4 methods x 2 more seeds), and LOZO and
+    MeZO with 4 directions a step on SST-2's 3 seeds, and on seed 0 with the batched pair); seed 0's final
+    run is its selection run and is not counted twice."""
+    assert study.study_size() == 77
     for lr in study.LR_GRID:
         write_result(empty_study, study.selection("RTE", "LOZO", lr), dev=0.6)
     write_result(empty_study, "zero-shot-RTE", dev=None)
@@ -69,7 +69,7 @@ def test_the_list_counts_finished_runs_and_shows_where_unfinished_ones_stand(emp
     assert states["select-RTE-LOZO-lr1e-05"] == states["LOZO-RTE-seed0"] == "done"
     assert states["select-RTE-MeZO-lr5e-06"] == "todo (step 425 kept)"
     assert states["LOZO-RTE-seed1"] == states["icl-RTE-seed0"] == "todo"
-    assert lines[-1] == "4 of 75 runs done"
+    assert lines[-1] == "4 of 77 runs done"
 
 
 def test_zeroth_order_methods_get_the_same_forward_passes_and_grid(empty_study):
@@ -90,7 +90,9 @@ def test_several_directions_run_at_equal_forward_passes_and_the_chosen_rate(empt
     for lr in study.LR_GRID:
         write_result(empty_study, study.selection("SST2", "MeZO", lr), dev=0.7 if lr == 1e-5 else 0.6)
     planned = dict(study.runs())
-    assert [name for name in planned if "-q4-" in name] == [f"MeZO-q4-SST2-seed{s}" for s in study.SEEDS]
+    expected = [f"MeZO-q4-SST2-seed{s}" for s in study.SEEDS] + ["MeZO-q4-pair-SST2-seed0"]
+    assert [name for name in planned if "-q4-" in name] == expected
+    assert planned["MeZO-q4-pair-SST2-seed0"] == [*planned["MeZO-q4-SST2-seed0"], "--zo_batched_pair"]
     argv = planned["MeZO-q4-SST2-seed1"]
     option = {key: argv[argv.index(key) + 1] for key in ("--max_steps", "--zo_queries", "--learning_rate")}
     assert option == {"--max_steps": str(study.STEPS // 4), "--zo_queries": "4", "--learning_rate": "1e-05"}
