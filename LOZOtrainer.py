@@ -51,6 +51,7 @@ class ZOArguments:
     merge_periods: int = 8  # LOZO: V periods kept as factors before they are written into the weights
     zo_in_place: bool = False  # MeZO: MeZO's own in-place arithmetic
     zo_master_weights: bool = False  # MeZO: a float32 master copy of the weights
+    zo_compensated: bool = False  # MeZO: half-precision updates carried in a compensation buffer (Kahan)
     zo_batched_pair: bool = False  # θ+εZ and θ−εZ as one forward of the batch twice
     zo_queries: int = 1  # directions a step; the update averages them
     zo_trajectory_checkpoints: bool = False  # checkpoints record the steps, not the weights
@@ -124,6 +125,7 @@ class LowRankTrainer(Trainer):
                     master_weights=args.zo_master_weights,
                     merge_periods=args.merge_periods,
                     batched_pair=args.zo_batched_pair,
+                    compensated=args.zo_compensated,
                     queries=args.zo_queries,
                     names={id(p): n for n, p in (model or self.model).named_parameters()},
                     replayable=self.saves_trajectories,

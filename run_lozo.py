@@ -143,6 +143,12 @@ class OurArguments(TrainingArguments):
         "MeZO: keep a float32 master copy of the weights (+4 bytes a weight) that takes the update exactly; "
         "by default half-precision weights take it with stochastic rounding (inference memory)",
     )
+    zo_compensated: bool = option(
+        False,
+        "MeZO: half-precision weights take the update rounded to nearest, the rounding error kept in a "
+        "compensation buffer of their dtype (Kahan summation, +2 bytes a weight) and added to the next one; "
+        "by default they round stochastically (inference memory)",
+    )
     zo_batched_pair: bool = option(
         False,
         "zeroth-order: evaluate θ+εZ and θ−εZ in one forward pass of the batch twice instead of two passes "
@@ -268,6 +274,13 @@ def validate_arguments(args):
             "matrices",
         ),
         (args.zo_queries >= 1, f"--zo_queries must be >= 1, got {args.zo_queries}"),
+        (
+            not (
+                args.zo_compensated and (args.trainer != "zo" or args.zo_master_weights or args.zo_in_place)
+            ),
+            "--zo_compensated is for MeZO's default arithmetic (--trainer zo, without --zo_master_weights "
+            "or --zo_in_place)",
+        ),
         (
             not ((args.zo_batched_pair or args.zo_queries > 1) and args.trainer not in ("zo", "LOZO")),
             "--zo_batched_pair and --zo_queries are zeroth-order options: add --trainer zo or --trainer LOZO",

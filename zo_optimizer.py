@@ -115,6 +115,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         master_weights=False,
         batched_pair=False,
         queries=1,
+        compensated=False,
     ):
         if queries < 1:
             raise UsageError(f"--zo_queries {queries}: a step needs at least one direction; use 1 or more")
@@ -159,6 +160,14 @@ class ZOOptimizer(torch.optim.Optimizer):
             set() if in_place or self.master_weights else {i for i, _ in self.tensors} - set(self.keys)
         )
         self.masters = {}  # tensor index -> float32 master copy (master_weights)
+        # `compensated`: a half-precision tensor perturbed module by module keeps, in its own dtype, what its
+        # weights' rounding left out of the updates (Kahan summation: +2 bytes a weight), instead of
+        # rounding stochastically.
+        self.compensation = {
+            i: torch.zeros_like(p)
+            for i, p in self.tensors
+            if compensated and i in self.transient and p.dtype in (torch.float16, torch.bfloat16)
+        }
         # Everything that retakes this run from its starting weights without a forward pass (`replay`): a
         # hash of those weights, every step's g and learning rates, and the steps at which settle() rounded.
         self.trajectory = {"start": None, "steps": [], "settled_at": []}
@@ -190,6 +199,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             "master_weights": self.master_weights,
             "merge_periods": self.merge_periods,
             "queries": self.queries,
+            "compensated": bool(self.compensation),
         }
 
     def attach(self, model):
@@ -430,7 +440,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         """One pass, W ← decay·W − η(g·z or m): on the master (then copied into the weights), on the weights
         in place (undoing the perturbation too), or for a tensor perturbed module by module on the weights
         computed in float32 and rounded once, stochastically in half precision (rounding to nearest would
-        drop every update under half a unit in the last place, most of MeZO's at lr 1e-6 in bf16)."""
+        drop every update under half a unit in the last place, most of MeZO's at lr 1e-6 in bf16), or
+        with a compensation buffer to nearest, the rounding error carried into the next update."""
         first = self.beta is not None and i not in self.momentum and finite
         if first:  # m₀ = g₀z₀, as N₀ = g₀U₀
             self.momentum[i] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
@@ -439,10 +450,14 @@ class ZOOptimizer(torch.optim.Optimizer):
         weights = (p.data if master is None else master).view(-1)
         back = decay * restore * self.eps if self.in_place else 0.0  # in place: undo the perturbation too
         rounded = master is None and not self.in_place and p.dtype != torch.float32
-        generator = self._rounding(i) if rounded else None
+        compensation = self.compensation.get(i)
+        generator = self._rounding(i) if rounded and compensation is None else None
         for start, z, g in self._dense_direction(i, p, gs):
             stored = weights[start : start + len(z)]
             w = stored.float() if rounded else stored
+            if compensation is not None:
+                carried = compensation.view(-1)[start : start + len(z)]
+                w.add_(carried)
             if decay != 1.0:
                 w.mul_(decay)
             if momentum is None:
@@ -454,7 +469,10 @@ class ZOOptimizer(torch.optim.Optimizer):
                 if back:
                     w.add_(z, alpha=back)
                 w.add_(m, alpha=-lr)
-            if rounded:
+            if compensation is not None:
+                stored.copy_(w)
+                carried.copy_(w.sub_(stored))  # (w − round(w) is exact in float32)
+            elif rounded:
                 stored.copy_(stochastic_round(w, stored.dtype, generator))
             elif master is not None:
                 p.data.view(-1)[start : start + len(z)].copy_(w)
@@ -503,6 +521,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             "skipped": self.skipped,
             "matrices": {i: matrix.state() for i, matrix in self.matrices.items()},
             "momentum": {i: m.cpu() for i, m in self.momentum.items()},
+            "compensation": {i: c.cpu() for i, c in self.compensation.items()},
             # A float32 master holds bits its half-precision weights do not: resuming exactly needs them.
             "masters": {
                 i: m.cpu() for i, m in self.masters.items() if self.tensors[i][1].dtype != torch.float32
@@ -537,6 +556,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         # A checkpoint from before steps were recorded has none: `record` then finds steps missing.
         self.trajectory = zo.get("trajectory", {"start": None, "steps": [], "settled_at": []})
         self.momentum = {as_key(k): m.to(device[as_tuple(as_key(k))[0]]) for k, m in zo["momentum"].items()}
+        for i, carried in zo.get("compensation", {}).items():
+            self.compensation[int(i)].copy_(carried)
         for i, master in zo.get("masters", {}).items():
             if int(i) not in self.masters:
                 raise UsageError(
@@ -606,6 +627,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                     parts += [self.momentum[key]] if key in self.momentum else []
             else:
                 parts = [self.masters.get(i, p.detach())] if p.numel() <= CHUNK else []
+                parts += [self.compensation[i]] if i in self.compensation and p.numel() <= CHUNK else []
             for part in parts:
                 hash_into(hasher, part)
         return hasher.hexdigest()

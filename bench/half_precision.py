@@ -20,9 +20,11 @@ does not depend on them) over every tensor of a few SmolLM2 decoder layers (`--l
 
 Modes: "default" is the project's default (LOZO: low-rank side path and float32 vectors; MeZO: each module
 perturbed for its own forward, the update stochastically rounded); "master" is MeZO's `--zo_master_weights`
-(a float32 master copy); "in-place" writes θ ± εZ into the weights — MeZO's `--zo_in_place`,
-and for LOZO a restatement of this repository's earlier step (perturb, restore and update with addmm_ in
-the weights' dtype), kept here as the reference the default mode replaced.
+(a float32 master copy); "compensated" is MeZO's `--zo_compensated` (rounding to nearest, the error kept
+in a buffer of the weights' dtype and carried into the next update); "in-place" writes θ ± εZ into the
+weights — MeZO's `--zo_in_place`, and for LOZO a restatement of this repository's earlier step (perturb,
+restore and update with addmm_ in the weights' dtype), kept here as the reference the default mode
+replaced.
 """
 
 import argparse
@@ -47,7 +49,12 @@ METHODS = {"LOZO": dict(low_rank=True), "LOZO-M": dict(low_rank=True, momentum=0
 MODES = {  # each method's arithmetic modes, and what selects them
     "LOZO": {"default": {}, "in-place": {}},
     "LOZO-M": {"default": {}, "in-place": {}},
-    "MeZO": {"default": {}, "master": dict(master_weights=True), "in-place": dict(in_place=True)},
+    "MeZO": {
+        "default": {},
+        "compensated": dict(compensated=True),
+        "master": dict(master_weights=True),
+        "in-place": dict(in_place=True),
+    },
 }
 
 
@@ -107,7 +114,7 @@ class InPlaceLOZO:
 def state_bytes(optimizer):
     if isinstance(optimizer, InPlaceLOZO):
         return optimizer.state_bytes()
-    tensors = [*optimizer.masters.values(), *optimizer.momentum.values()]
+    tensors = [*optimizer.masters.values(), *optimizer.momentum.values(), *optimizer.compensation.values()]
     for matrix in optimizer.matrices.values():
         tensors += [matrix.left, matrix.right, matrix.C, matrix.U]
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -273,7 +280,9 @@ def main():
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated: LOZO, LOZO-M, MeZO")
     parser.add_argument("--mezo_steps", type=int, default=1000, help="MeZO's longer replay (steps; 0: none)")
-    parser.add_argument("--modes", default="", help="comma-separated: default, master, in-place (all)")
+    parser.add_argument(
+        "--modes", default="", help="comma-separated: default, compensated, master, in-place (all)"
+    )
     opts = parser.parse_args()
     if opts.threads:
         torch.set_num_threads(opts.threads)

@@ -392,6 +392,7 @@ BAD_INPUTS = {
     "beta1-1": (["--beta1", "1.0"], ["--beta1"]),
     "merge-periods-0": (["--merge_periods", "0"], ["--merge_periods"]),
     "queries-0": (["--trainer", "zo", "--zo_queries", "0"], ["--zo_queries"]),
+    "compensated-lozo": (["--trainer", "LOZO", "--zo_compensated"], ["--zo_compensated", "--trainer zo"]),
     "pair-without-zo": (["--trainer", "regular", "--zo_batched_pair"], ["--zo_batched_pair", "--trainer zo"]),
     "pair-in-place": (
         ["--trainer", "zo", "--zo_in_place", "--zo_batched_pair"],
