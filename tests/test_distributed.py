@@ -43,6 +43,10 @@ def zo_args(model, out, trainer, batch, data_dir):
     ]  # fmt: skip
 
 
+PAIR_Q2 = ["--zo_batched_pair", "--zo_queries", "2"]  # 2 directions a step, each pair one forward
+RUNS = {"LOZO": ("LOZO", []), "zo": ("zo", []), "LOZO-pair-q2": ("LOZO", PAIR_Q2)}
+
+
 def zero_shot_args(model, out, data_dir):
     return [
         "--task_name", "SST2", "--model_name", str(model), "--data_dir", str(data_dir),
@@ -54,13 +58,16 @@ def zero_shot_args(model, out, data_dir):
 @pytest.fixture(scope="module")
 def two_processes(tiny_opt_dir, data_dir, tmp_path_factory):
     """One torchrun launch, 2 processes × 4 samples per step, every scenario in turn: LOZO and MeZO on the
-    tiny OPT, LOZO on a 4× wider OPT (does the traffic grow with the model?), zero-shot evaluation, LOZO
-    with SIGUSR1 sent to rank 1 only."""
+    tiny OPT (LOZO also with 2 directions a step as batched pairs), LOZO on a 4× wider OPT (does the
+    traffic grow with the model?), zero-shot evaluation, LOZO with SIGUSR1 sent to rank 1 only."""
     out = tmp_path_factory.mktemp("two-processes")
     wider = save_tiny_opt(out / "wider-opt", hidden_size=64, word_embed_proj_dim=64, ffn_dim=256)
     runs = {
         "LOZO": {"argv": zo_args(tiny_opt_dir, out / "LOZO", "LOZO", 4, data_dir)},
         "zo": {"argv": zo_args(tiny_opt_dir, out / "zo", "zo", 4, data_dir)},
+        "LOZO-pair-q2": {
+            "argv": [*zo_args(tiny_opt_dir, out / "LOZO-pair-q2", "LOZO", 4, data_dir), *PAIR_Q2]
+        },
         "LOZO-wider": {"argv": zo_args(wider, out / "LOZO-wider", "LOZO", 4, data_dir)},
         "zero-shot": {"argv": zero_shot_args(tiny_opt_dir, out / "zero-shot", data_dir)},
         "interrupt": {
@@ -82,16 +89,17 @@ def record(folder, rank):
     return json.loads((folder / f"rank{rank}.json").read_text())
 
 
-@pytest.mark.parametrize("trainer", ["LOZO", "zo"])
+@pytest.mark.parametrize("run", list(RUNS))
 def test_two_processes_of_4_take_the_step_of_one_process_of_8(
-    trainer, two_processes, tiny_opt_dir, data_dir, tmp_path
+    run, two_processes, tiny_opt_dir, data_dir, tmp_path
 ):
     assert "WORLD_SIZE" not in os.environ  # the reference runs in this single process
-    train_and_record(zo_args(tiny_opt_dir, tmp_path, trainer, 8, data_dir), tmp_path)
+    trainer, extra = RUNS[run]
+    train_and_record([*zo_args(tiny_opt_dir, tmp_path, trainer, 8, data_dir), *extra], tmp_path)
     start = {k: v for k, v in AutoModelForCausalLM.from_pretrained(tiny_opt_dir).named_parameters()}
     single = torch.load(tmp_path / "rank0.pt")
-    replicas = [torch.load(two_processes / trainer / f"rank{r}.pt") for r in (0, 1)]
-    assert record(two_processes / trainer, 0)["world_size"] == 2
+    replicas = [torch.load(two_processes / run / f"rank{r}.pt") for r in (0, 1)]
+    assert record(two_processes / run, 0)["world_size"] == 2
     worst = 0.0
     for name, weight in single.items():
         step = (weight - start[name].detach()).abs().max().item()
