@@ -407,27 +407,29 @@ def tables():
 
 
 def queries_table():
-    """One direction a step against QUERIES at the same number of forward passes and rate."""
+    """One direction a step against QUERIES at the same number of forward passes and rate, and the
+    difference paired by seed."""
     lines = [
         f"Several directions a step at equal forward passes ({STEPS} steps of one direction against "
         f"{STEPS // QUERIES} steps of {QUERIES}, the rate chosen for one):",
         "",
-        "| task | method | directions a step | steps | accuracy (validation) | mean wall time |",
-        "|---|---|---|---|---|---|",
+        f"| task | method | 1 direction, {STEPS} steps | {QUERIES} directions, {STEPS // QUERIES} steps "
+        f"| {QUERIES} minus 1, paired by seed |",
+        "|---|---|---|---|---|",
     ]
     pair_rows = []
     for task in QUERY_TASKS:
         for method in QUERY_METHODS:
-            for queries, row in ((1, method), (QUERIES, f"{method}-q{QUERIES}")):
-                names = [f"{row}-{task}-seed{seed}" for seed in SEEDS]
-                found = [(n, DOCS / "results" / f"{n}.json") for n in names]
-                found = [(n, read_result(p)) for n, p in found if p.exists()]
-                values = [100 * metrics["accuracy"] for _, (metrics, _) in found]
-                minutes = [wall_time(n, run)[0] for n, (_, run) in found]
-                time = f"{statistics.mean(minutes):.0f} min" if minutes else "—"
-                lines.append(
-                    f"| {task} | {method} | {queries} | {STEPS // queries} | {cell(values)} | {time} |"
-                )
+            by_seed = {}
+            for row in (method, f"{method}-q{QUERIES}"):
+                for seed in SEEDS:
+                    path = DOCS / "results" / f"{row}-{task}-seed{seed}.json"
+                    if path.exists():
+                        by_seed.setdefault(row, {})[seed] = 100 * read_result(path)[0]["accuracy"]
+            one, several = by_seed.get(method, {}), by_seed.get(f"{method}-q{QUERIES}", {})
+            differences = [several[seed] - one[seed] for seed in several if seed in one]
+            cells = [cell(list(one.values())), cell(list(several.values())), cell(differences)]
+            lines.append(f"| {task} | {method} | " + " | ".join(cells) + " |")
             pair_rows.append(pair_row(task, method))
     pair_rows = [row for row in pair_rows if row]
     if pair_rows:
