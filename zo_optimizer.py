@@ -93,6 +93,9 @@ class ZOOptimizer(torch.optim.Optimizer):
     Protocol for one optimisation step (what `LowRankTrainer.training_step` does):
         begin_step(); move_to(+1); L+ = loss; move_to(-1); L- = loss; set_projected_grad((L+ - L-) / 2ε)
         step()  # the update; the model is back at θ (position 0)
+    With `batched_pair`, move_to(PAIR) and one forward of the batch twice give L+ and L- (its halves). With
+    `queries` q, begin_query(k) before direction k's losses (k = 1 … q − 1), and set_projected_grad takes
+    the list of the q values of g.
     LOZO matrices reach the model through `attach(model)`; `settle()` writes everything into the parameters
     (before checkpoints), `release()` also detaches (the end of training).
     """
