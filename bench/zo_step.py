@@ -43,7 +43,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from utils import portable  # noqa: E402
+from utils import paired, portable  # noqa: E402
 
 SHAPES = {  # OPTConfig values of the released checkpoints; weights are random
     "opt-125m": dict(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12),
@@ -239,7 +239,7 @@ def run_worker(opts):
     if method == "forward":
         run_step = reference_forward
     elif method == "forward-2B":  # one forward of the batch twice: what a batched pair's forward computes
-        twice = {k: torch.cat([v, v]) for k, v in batch.items()}
+        twice = paired(batch)
 
         def run_step():
             reference_forward(twice)
@@ -318,7 +318,7 @@ def run_worker(opts):
 def alternated_with_two_passes(trainer, run_step, reference_forward, batch, opts, synchronized):
     """A batched-pair method's step, the same step in two passes and a forward of the batch twice, timed in
     turn in one process (what the pair saves is a few percent: a shared machine's drift would hide it)."""
-    twice = {k: torch.cat([v, v]) for k, v in batch.items()}
+    twice = paired(batch)
 
     def two_passes():
         trainer.args.zo_batched_pair = False

@@ -12,7 +12,7 @@ import run_lozo
 import tasks
 from LOZOtrainer import TRAJECTORY_NAME
 from tests.zoo import ZOO, tiny_model
-from utils import UsageError, model_option_loss
+from utils import UsageError, model_option_loss, paired
 from zo_optimizer import PAIR, ZOOptimizer, dense_noise
 
 IDS = torch.tensor([[2, 100, 2000, 31, 4000, 7], [2, 8, 9, 10, 11, 12]])
@@ -34,7 +34,7 @@ def pair_and_two_passes(model, inputs, **settings):
     from the batched pair, and from two forwards."""
     optimizer = ZOOptimizer(model.parameters(), lr=1e-2, eps=1e-2, seed=5, batched_pair=True, **settings)
     optimizer.attach(model)
-    twice = {k: torch.cat([v, v]) for k, v in inputs.items()}
+    twice = paired(inputs)
     optimizer.begin_step()
     optimizer.move_to(PAIR)
     model(**twice)

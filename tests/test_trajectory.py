@@ -34,22 +34,10 @@ METHODS = {
     ],
     "MeZO": ["--trainer", "zo"],
     "MeZO-in-place": ["--trainer", "zo", "--zo_in_place"],  # every perturbation rounds: replayed too
-    # several directions a step (their g's recorded), evaluated as batched pairs
-    "LOZO-M-pair-q3": [
-        "--trainer",
-        "LOZO",
-        "--lozo_optimizer",
-        "sgdm",
-        "--step_interval",
-        "2",
-        "--merge_periods",
-        "1",
-        "--zo_batched_pair",
-        "--zo_queries",
-        "3",
-    ],  # fmt: skip
     "MeZO-q2": ["--trainer", "zo", "--zo_queries", "2"],
 }
+# several directions a step (their g's recorded), evaluated as batched pairs
+METHODS["LOZO-M-pair-q3"] = [*METHODS["LOZO-M"], "--zo_batched_pair", "--zo_queries", "3"]
 
 
 def command(tiny_opt_dir, data_dir, out, method, *extra):
