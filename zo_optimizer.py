@@ -366,13 +366,10 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _write_from_master(self, i, p, position):
         """p ← master + position·εz, rounded to p's dtype once."""
-        master, flat = self.masters[i].view(-1), p.data.view(-1)
         if position == 0:
-            flat.copy_(master)
-            return
-        for start, z in dense_noise(p.numel(), self._seed(i), p.device):
-            end = start + len(z)
-            flat[start:end].copy_(torch.add(master[start:end], z, alpha=position * self.eps))
+            p.data.copy_(self.masters[i])
+        else:
+            self.perturbed(i, p.data, position, outs=[p.data])  # (perturbed reads the master)
 
     def set_projected_grad(self, projected_grad):
         self.projected_grad = projected_grad
