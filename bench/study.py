@@ -64,6 +64,11 @@ LR_GRID = (5e-6, 1e-5, 2e-5)
 # Several directions a step at an equal number of forward passes: QUERIES directions (--zo_queries) for
 # STEPS / QUERIES steps, at the rate chosen for one direction, against the one-direction runs above.
 QUERIES, QUERY_TASKS, QUERY_METHODS = 4, ("SST2",), ("LOZO", "MeZO")
+# What half precision costs MeZO in accuracy, at the rate chosen above, on these tasks and seeds: its bf16
+# runs above kept a float32 master copy of the weights (the default when they ran); PRECISIONS' runs keep
+# bf16 weights at inference memory (the update rounded stochastically: today's default) or float32 weights.
+PRECISION_TASKS, PRECISION_SEEDS = ("SST2",), (0, 1)
+PRECISIONS = {"rounded": "--load_bfloat16", "float32": None}
 FT_LRS = (1e-5, 3e-5)
 # Zeroth-order checkpoints hold steps, not weights: cheap to write and they leave the run untouched, so
 # often. FT's hold weights and AdamW's moments (1.6 GB): every epoch.
@@ -76,18 +81,20 @@ def here(path):
 
 
 def common(task, seed, precision="--load_bfloat16"):
+    """The arguments every run shares; `precision` None: float32 weights."""
     # Evaluation one sample at a time, as MeZO and the study's first runs evaluated: batched scoring
     # (run_lozo's default) computes the same scores but rounds differently in bf16: it can flip a near tie.
     return [
-        "--task_name", task, "--model_name", here(MODEL), precision, "--per_device_eval_batch_size", "1",
+        "--task_name", task, "--model_name", here(MODEL), *([precision] if precision else []),
+        "--per_device_eval_batch_size", "1",
         "--data_dir", os.environ.get("LOZO_DATA_DIR", here(REPO.parent / "shared" / "data")),
         "--train_set_seed", str(seed),
     ]  # fmt: skip
 
 
-def zo_run(task, method, seed, lr, queries=1):
+def zo_run(task, method, seed, lr, queries=1, precision="--load_bfloat16"):
     return [
-        *common(task, seed), *ZO_METHODS[method], "--num_train", "1000", "--num_dev", "100",
+        *common(task, seed, precision), *ZO_METHODS[method], "--num_train", "1000", "--num_dev", "100",
         "--per_device_train_batch_size", "8", "--learning_rate", str(lr), "--zo_eps", "1e-3",
         "--lr_scheduler_type", "constant", "--max_steps", str(STEPS // queries), "--logging_steps", "10",
         "--eval_strategy", "steps", "--eval_steps", str(EVAL_EVERY // queries), "--train_as_classification",
@@ -166,6 +173,11 @@ def runs():
             if lr is not None:  # its wall time with each pair as one forward of the batch twice
                 argv = [*zo_run(task, method, 0, lr, queries=QUERIES), "--zo_batched_pair"]
                 planned.append((f"{method}-q{QUERIES}-pair-{task}-seed0", argv))
+        lr = chosen_lr(task, "MeZO") if task in PRECISION_TASKS else None
+        for seed in PRECISION_SEEDS if lr is not None else ():
+            for variant, precision in PRECISIONS.items():
+                argv = zo_run(task, "MeZO", seed, lr, precision=precision)
+                planned.append((f"MeZO-{variant}-{task}-seed{seed}", argv))
     return planned
 
 
@@ -353,7 +365,8 @@ def study_size():
     ICL per seed, every grid rate on seed 0, and each method on the seeds after 0."""
     selections = len(ZO_METHODS) * len(LR_GRID) + len(FT_LRS)
     per_task = 1 + len(SEEDS) + selections + (len(ZO_METHODS) + 1) * (len(SEEDS) - 1)
-    return len(TASKS) * per_task + len(QUERY_TASKS) * len(QUERY_METHODS) * (len(SEEDS) + 1)
+    queries = len(QUERY_TASKS) * len(QUERY_METHODS) * (len(SEEDS) + 1)
+    return len(TASKS) * per_task + queries + len(PRECISION_TASKS) * len(PRECISION_SEEDS) * len(PRECISIONS)
 
 
 # ---- tables and figure from docs/study/ ----
@@ -403,7 +416,42 @@ def tables():
         cells = [cell(accuracies(row, task), seeded=row != "zero-shot") for task in TASKS]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "The seed-0 learning-rate runs, from which the dev column (bold) chose the rates above:"]
-    return [*lines, "", *selection_table(), "", *queries_table()]
+    return [*lines, "", *selection_table(), "", *queries_table(), "", *precision_table()]
+
+
+def by_seed(row, task):
+    """{seed: accuracy in %} of a row's runs on `task` that have a result."""
+    paths = {seed: DOCS / "results" / f"{row}-{task}-seed{seed}.json" for seed in SEEDS}
+    return {seed: 100 * read_result(path)[0]["accuracy"] for seed, path in paths.items() if path.exists()}
+
+
+def paired(these, those):
+    """these − those, seed by seed, where both ran."""
+    return [these[seed] - those[seed] for seed in these if seed in those]
+
+
+def precision_table():
+    """MeZO's bf16 weights (with a float32 master, or rounded stochastically) against float32 weights, the
+    same rate and seeds, and the differences paired by seed."""
+    lines = [
+        f"MeZO's weights in bf16 and in float32, at the rate chosen in bf16, {STEPS} steps (bf16 with a "
+        "float32 master copy: the MeZO runs above; bf16 at inference memory: the update rounded "
+        "stochastically, today's default):",
+        "",
+        "| task | bf16, float32 master | bf16, inference memory | float32 | master minus float32 "
+        "| inference memory minus float32 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for task in PRECISION_TASKS:
+        master = {seed: a for seed, a in by_seed("MeZO", task).items() if seed in PRECISION_SEEDS}
+        rounded, full = by_seed("MeZO-rounded", task), by_seed("MeZO-float32", task)
+        runs = [master, rounded, full, paired(master, full), paired(rounded, full)]
+        lines.append(
+            f"| {task} | "
+            + " | ".join(cell(list(r.values()) if isinstance(r, dict) else r) for r in runs)
+            + " |"
+        )
+    return lines
 
 
 def queries_table():
@@ -420,15 +468,8 @@ def queries_table():
     pair_rows = []
     for task in QUERY_TASKS:
         for method in QUERY_METHODS:
-            by_seed = {}
-            for row in (method, f"{method}-q{QUERIES}"):
-                for seed in SEEDS:
-                    path = DOCS / "results" / f"{row}-{task}-seed{seed}.json"
-                    if path.exists():
-                        by_seed.setdefault(row, {})[seed] = 100 * read_result(path)[0]["accuracy"]
-            one, several = by_seed.get(method, {}), by_seed.get(f"{method}-q{QUERIES}", {})
-            differences = [several[seed] - one[seed] for seed in several if seed in one]
-            cells = [cell(list(one.values())), cell(list(several.values())), cell(differences)]
+            one, several = by_seed(method, task), by_seed(f"{method}-q{QUERIES}", task)
+            cells = [cell(list(one.values())), cell(list(several.values())), cell(paired(several, one))]
             lines.append(f"| {task} | {method} | " + " | ".join(cells) + " |")
             pair_rows.append(pair_row(task, method))
     pair_rows = [row for row in pair_rows if row]
