@@ -79,27 +79,37 @@ def stochastic_round(values, dtype, generator):
     change smaller than half a unit in the last place: most of a merged update at lr 1e-6 in bf16.)"""
     if values.dtype == dtype:
         return values
-    if dtype == torch.bfloat16 and values.dtype == torch.float32:
-        return stochastic_round_bf16(values, generator)
-    nearest = values.to(dtype)
+    return round_into(torch.empty(values.shape, dtype=dtype, device=values.device), values.clone(), generator)
+
+
+def round_into(out, values, generator):
+    """out ← `values` (float32) rounded stochastically to out's dtype, as `stochastic_round`; `values` is
+    overwritten (the update's and the merge's own float32 block): no temporary of its size in bf16."""
+    if values.dtype == out.dtype:
+        return out.copy_(values)
+    if out.dtype == torch.bfloat16 and values.dtype == torch.float32:
+        return out.copy_(stochastic_round_bf16_(values, generator))
+    nearest = values.to(out.dtype)
     error = values - nearest.float()
-    neighbour = torch.nextafter(nearest, torch.where(error > 0, torch.inf, -torch.inf).to(dtype))
+    neighbour = torch.nextafter(nearest, torch.where(error > 0, torch.inf, -torch.inf).to(out.dtype))
     gap = (neighbour.float() - nearest.float()).abs()
     away = torch.rand(values.shape, generator=generator, device=values.device) * gap < error.abs()
-    return torch.where(away, neighbour, nearest)
+    return out.copy_(torch.where(away, neighbour, nearest))
 
 
-def stochastic_round_bf16(values, generator):
-    """bf16 is float32's upper 16 bits: adding 16 uniform random bits to the lower ones and cutting them off
-    rounds the magnitude up with probability equal to the cut fraction. The random bits come as full-range
-    64-bit draws, four weights' to a draw: 3x cheaper on a CPU than 32-bit draws of a range, which matters
-    for MeZO's update of every weight (6x faster than the general rule)."""
+def stochastic_round_bf16_(values, generator):
+    """`values` (contiguous float32) made bf16-exact in place, rounded stochastically: bf16 is float32's upper
+    16 bits, and adding 16 uniform random bits to the lower ones and cutting them off rounds the magnitude up
+    with probability equal to the cut fraction; converting the result to bf16 is then exact. The random bits
+    come as full-range 64-bit draws, four weights' to a draw (3x cheaper on a CPU than 32-bit draws of a
+    range): MeZO's update rounds every weight at every step."""
     n = values.numel()
     draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=values.device)
     draws.random_(-(1 << 63), None, generator=generator)  # from the lowest int64 to the top: all 64 bits
-    noise = draws.view(torch.uint16)[:n].view(values.shape).to(torch.int32)
-    bits = (values.contiguous().view(torch.int32) + noise).bitwise_and_(-65536)
-    return bits.view(torch.float32).to(torch.bfloat16)
+    noise = torch.empty(values.shape, dtype=torch.int32, device=values.device)
+    noise.copy_(draws.view(torch.uint16)[:n].view(values.shape))  # (uint16 takes part in no arithmetic)
+    values.view(torch.int32).add_(noise).bitwise_and_(-65536)
+    return values
 
 
 # Below this many rows, a CPU computes a half-precision matrix's side term with float32 copies of its factors:
@@ -233,7 +243,7 @@ class LowRankMatrix:
             for start in range(0, W.shape[0], rows):
                 block = W[start : start + rows]
                 exact = torch.addmm(block.to(self.exact_dtype), A[start : start + rows], V).mul_(self.scale)
-                block.copy_(stochastic_round(exact, W.dtype, generator))
+                round_into(block, exact, generator)
         if current:
             self.C.zero_()
         else:

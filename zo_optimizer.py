@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from dense_path import DensePath
-from side_path import CHUNK, PAIR, LowRankMatrix, PairBatch, SidePath, stochastic_round
+from side_path import CHUNK, PAIR, LowRankMatrix, PairBatch, SidePath, round_into
 from utils import UsageError
 
 logger = logging.getLogger(__name__)
@@ -473,7 +473,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 stored.copy_(w)
                 carried.copy_(w.sub_(stored))  # (w − round(w) is exact in float32)
             elif rounded:
-                stored.copy_(stochastic_round(w, stored.dtype, generator))
+                round_into(stored, w, generator)
             elif master is not None:
                 p.data.view(-1)[start : start + len(z)].copy_(w)
 
