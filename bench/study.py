@@ -494,7 +494,17 @@ def pair_row(task, method):
     runs = [read_result(path) for path in paths]
     minutes = [wall_time(name, run)[0] for name, (_, run) in zip(names, runs, strict=True)]
     accuracy = " / ".join(f"{100 * metrics['accuracy']:.1f}" for metrics, _ in runs)
+    machines = [machines_of(name) for name in names]
+    if machines[0] != machines[1]:  # a wall time compares with another only on the same kind of machine
+        return f"| {task} | {method} | not comparable: {machines[0]} / {machines[1]} | | {accuracy} |"
     return f"| {task} | {method} | {minutes[0]:.0f} min | {minutes[1]:.0f} min | {accuracy} |"
+
+
+def machines_of(name):
+    """The machines a finished run's attempts ran on, as one string ('' where not recorded)."""
+    path = DOCS / "wall_times.json"
+    recorded = json.loads(path.read_text()).get(name, {}) if path.exists() else {}
+    return ", ".join(recorded.get("machines", []))
 
 
 def command_tables(opts):

@@ -292,3 +292,29 @@ def zip_bytes():
     with zipfile.ZipFile(buffer, "w") as archive:
         archive.writestr("data", b"0")
     return buffer.getvalue()
+
+
+def test_wall_times_compare_only_on_the_same_kind_of_machine(empty_study):
+    """The batched pair's wall-time row puts two runs side by side only when they ran on the same machines;
+    the precision table pairs MeZO's bf16 and float32 accuracies by seed."""
+    names = ["MeZO-q4-SST2-seed0", "MeZO-q4-pair-SST2-seed0"]
+    for name in names:
+        write_result(empty_study, name, dev=0.7, accuracy=0.7)
+    times = {name: {"seconds": 600.0, "attempts": 1, "machines": ["CPU A, bf16 unit"]} for name in names}
+    (empty_study / "wall_times.json").write_text(json.dumps(times))
+    assert study.pair_row("SST2", "MeZO") == "| SST2 | MeZO | 10 min | 10 min | 70.0 / 70.0 |"
+    times[names[1]]["machines"] = ["CPU B, float32 products"]
+    (empty_study / "wall_times.json").write_text(json.dumps(times))
+    assert "not comparable: CPU A, bf16 unit / CPU B, float32 products" in study.pair_row("SST2", "MeZO")
+    for seed, (master, rounded, full) in enumerate([(0.70, 0.69, 0.72), (0.71, 0.70, 0.70)]):
+        write_result(empty_study, f"MeZO-SST2-seed{seed}", dev=0.7, accuracy=master)
+        write_result(empty_study, f"MeZO-rounded-SST2-seed{seed}", dev=0.7, accuracy=rounded)
+        write_result(empty_study, f"MeZO-float32-SST2-seed{seed}", dev=0.7, accuracy=full)
+    cells = study.precision_table()[-1].split(" | ")[1:]
+    assert cells == [
+        "70.5 ± 0.7 (n=2)",
+        "69.5 ± 0.7 (n=2)",
+        "71.0 ± 1.4 (n=2)",
+        "-0.5 ± 2.1 (n=2)",
+        "-1.5 ± 2.1 (n=2) |",
+    ]
