@@ -194,7 +194,7 @@ def measure(opts):
                 dtype, began = getattr(torch, dtype_name), time.time()
                 row = {"method": method, "mode": mode, "dtype": dtype_name}
                 row |= drift(weights, method, mode, dtype)
-                for lr in LRS if opts.command == "measure" else ():
+                for lr in opts.lrs if opts.command == "measure" else ():
                     longer = 1000 if method != "MeZO" else opts.mezo_steps  # MeZO draws every weight a step
                     for steps in (100, longer) if longer else (100,):
                         if dtype == torch.float32:
@@ -279,11 +279,17 @@ def main():
     parser.add_argument("--out", default=str(REPO / "result" / "bench" / "half_precision.json"))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated: LOZO, LOZO-M, MeZO")
+    parser.add_argument(
+        "--lrs",
+        default=",".join(f"{lr:g}" for lr in LRS),
+        help="comma-separated learning rates of the update error",
+    )
     parser.add_argument("--mezo_steps", type=int, default=1000, help="MeZO's longer replay (steps; 0: none)")
     parser.add_argument(
         "--modes", default="", help="comma-separated: default, compensated, master, in-place (all)"
     )
     opts = parser.parse_args()
+    opts.lrs = [float(lr) for lr in opts.lrs.split(",")]
     if opts.threads:
         torch.set_num_threads(opts.threads)
     if not Path(opts.model, "config.json").is_file():
