@@ -107,7 +107,7 @@ def stochastic_round_bf16_(values, generator):
     draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=values.device)
     draws.random_(-(1 << 63), None, generator=generator)  # from the lowest int64 to the top: all 64 bits
     noise = torch.empty(values.shape, dtype=torch.int32, device=values.device)
-    noise.copy_(draws.view(torch.uint16)[:n].view(values.shape))  # (uint16 takes part in no arithmetic)
+    noise.copy_(draws.view(torch.int16)[:n].view(values.shape)).bitwise_and_(0xFFFF)  # 16 bits, unsigned
     values.view(torch.int32).add_(noise).bitwise_and_(-65536)
     return values
 
