@@ -120,18 +120,19 @@ SMALL_ROWS = 64
 
 def add_product_(output, left, right):
     """output += left @ right over the last dimension (output (..., b), left (..., k), right (k, b)): one
-    addmm_ when the dtypes agree, else rounded to the output's dtype block of rows by block, so that no
-    product in the factors' dtype is output-sized (an LM head's output is rows × vocabulary)."""
+    addmm_ when the dtypes agree, else added in the factors' dtype and rounded once to the output's, block
+    of rows by block, so that no product in the factors' dtype is output-sized (an LM head's output is rows
+    × vocabulary)."""
     flat, left = output.view(-1, output.shape[-1]), left.view(-1, left.shape[-1])
     if output.dtype == right.dtype:
         flat.addmm_(left, right)
         return output
     rows = max(1, CHUNK // output.shape[-1])
     if flat.shape[0] <= rows:
-        flat += (left @ right).to(output.dtype)
+        flat.add_(left @ right)
         return output
     for start in range(0, flat.shape[0], rows):
-        flat[start : start + rows] += (left[start : start + rows] @ right).to(output.dtype)
+        flat[start : start + rows].add_(left[start : start + rows] @ right)
     return output
 
 
