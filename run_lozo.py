@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments, set_seed
 from transformers.trainer_utils import align_special_tokens
 
 import tasks
@@ -580,6 +580,9 @@ class Framework:
         self.args, self.task = args, task
         self.interrupted = False  # training stopped by SIGTERM / SIGUSR1 (--save_on_interrupt)
         self.template = task.get_template()
+        # Seeded before anything draws (as MeZO's run.py): LoRA's initial factors come from torch's global
+        # generator, and two runs with the same --seed must start from the same adapter.
+        set_seed(args.seed)
         model = load_model(args)
         self.tokenizer = load_tokenizer(args, model.config)
         align_special_tokens_quietly(model, self.tokenizer)

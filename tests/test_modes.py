@@ -92,6 +92,25 @@ def test_mode_trains_only_its_parameters(mode, trainer, family, models, sst2, tm
             assert torch.equal(param, before[name][0]), f"frozen {name} changed"
 
 
+def test_lora_starts_from_the_adapter_its_seed_gives(tiny_opt_dir, sst2, tmp_path):
+    """LoRA's initial factors are drawn from torch's global generator: --seed fixes them, whatever was drawn
+    before in the process (two runs with one seed train the same adapter; another seed, another one)."""
+
+    def initial_adapter(seed):
+        torch.rand(7)  # the global generator, moved as an earlier run in the process would have
+        framework = make_framework(
+            tiny_opt_dir, sst2, tmp_path, "--lora", "--trainer", "zo", "--seed", str(seed)
+        )
+        return {
+            name: p.detach().clone() for name, p in framework.model.named_parameters() if "lora_A" in name
+        }
+
+    first, again, other = initial_adapter(3), initial_adapter(3), initial_adapter(4)
+    assert first and first.keys() == again.keys() == other.keys()
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    assert not any(torch.equal(first[name], other[name]) for name in first)
+
+
 def test_lozo_on_lora_matrices_changes_each_by_rank_at_most_r(tiny_opt_dir, sst2, tmp_path):
     framework = make_framework(
         tiny_opt_dir,
