@@ -308,11 +308,16 @@ def record_wall_time(name, attempts, now):
     path.write_text(json.dumps(times, indent=1, sort_keys=True) + "\n")
 
 
+def recorded_wall_time(name):
+    """A finished run's entry in docs/study/wall_times.json, or None."""
+    path = DOCS / "wall_times.json"
+    return json.loads(path.read_text()).get(name) if path.exists() else None
+
+
 def wall_time(name, run):
     """(minutes, attempts, whether any attempt multiplied in float32) of a finished run: summed over its
     attempts where recorded, else its result's."""
-    path = DOCS / "wall_times.json"
-    recorded = json.loads(path.read_text()).get(name) if path.exists() else None
+    recorded = recorded_wall_time(name)
     float32 = run.get("float32_products", False)  # the last attempt's
     if recorded:
         float32 |= any(m.endswith(FLOAT32_PRODUCTS) for m in recorded.get("machines", []))
@@ -445,12 +450,9 @@ def precision_table():
     for task in PRECISION_TASKS:
         master = {seed: a for seed, a in by_seed("MeZO", task).items() if seed in PRECISION_SEEDS}
         rounded, full = by_seed("MeZO-rounded", task), by_seed("MeZO-float32", task)
-        runs = [master, rounded, full, paired(master, full), paired(rounded, full)]
-        lines.append(
-            f"| {task} | "
-            + " | ".join(cell(list(r.values()) if isinstance(r, dict) else r) for r in runs)
-            + " |"
-        )
+        accuracy = [cell(list(runs.values())) for runs in (master, rounded, full)]
+        differences = [cell(paired(master, full)), cell(paired(rounded, full))]
+        lines.append(f"| {task} | " + " | ".join(accuracy + differences) + " |")
     return lines
 
 
@@ -502,9 +504,7 @@ def pair_row(task, method):
 
 def machines_of(name):
     """The machines a finished run's attempts ran on, as one string ('' where not recorded)."""
-    path = DOCS / "wall_times.json"
-    recorded = json.loads(path.read_text()).get(name, {}) if path.exists() else {}
-    return ", ".join(recorded.get("machines", []))
+    return ", ".join((recorded_wall_time(name) or {}).get("machines", []))
 
 
 def command_tables(opts):
