@@ -87,28 +87,48 @@ def round_into(out, values, generator):
     overwritten (the update's and the merge's own float32 block): no temporary of its size in bf16."""
     if values.dtype == out.dtype:
         return out.copy_(values)
-    if out.dtype == torch.bfloat16 and values.dtype == torch.float32:
-        return out.copy_(stochastic_round_bf16_(values, generator))
-    nearest = values.to(out.dtype)
+    if values.dtype == torch.float32 and out.dtype in (torch.bfloat16, torch.float16):
+        return out.copy_(stochastic_round_bits_(values, out.dtype, generator))
+    return out.copy_(stochastic_round_by_neighbours(values, out.dtype, generator))
+
+
+def stochastic_round_by_neighbours(values, dtype, generator):
+    """The general rule: each value's two neighbours in `dtype` and a uniform draw between them."""
+    nearest = values.to(dtype)
     error = values - nearest.float()
-    neighbour = torch.nextafter(nearest, torch.where(error > 0, torch.inf, -torch.inf).to(out.dtype))
+    neighbour = torch.nextafter(nearest, torch.where(error > 0, torch.inf, -torch.inf).to(dtype))
     gap = (neighbour.float() - nearest.float()).abs()
     away = torch.rand(values.shape, generator=generator, device=values.device) * gap < error.abs()
-    return out.copy_(torch.where(away, neighbour, nearest))
+    return torch.where(away, neighbour, nearest)
 
 
-def stochastic_round_bf16_(values, generator):
-    """`values` (contiguous float32) made bf16-exact in place, rounded stochastically: bf16 is float32's upper
-    16 bits, and adding 16 uniform random bits to the lower ones and cutting them off rounds the magnitude up
-    with probability equal to the cut fraction; converting the result to bf16 is then exact. The random bits
-    come as full-range 64-bit draws, four weights' to a draw (3x cheaper on a CPU than 32-bit draws of a
-    range): MeZO's update rounds every weight at every step."""
-    n = values.numel()
+# float32 mantissa bits below the last one each half dtype keeps, where its numbers are float32's with those
+# bits cut: bf16 everywhere, fp16 from its smallest normal magnitude 2⁻¹⁴ up.
+CUT_BITS = {torch.bfloat16: 16, torch.float16: 13}
+FLOAT16_SMALLEST_NORMAL = 2.0**-14
+
+
+def stochastic_round_bits_(values, dtype, generator):
+    """`values` (contiguous float32) made exact in `dtype` (bf16 or fp16) in place, rounded stochastically:
+    adding c uniform random bits to the c bits `dtype` cuts from a float32 (CUT_BITS) and then cutting them
+    rounds the magnitude up with probability equal to the cut fraction, and converting the result is exact.
+    fp16's subnormals are evenly spaced by 2⁻²⁴, as float32's numbers are (by 2⁻²⁴ too) from 2⁻¹⁴ to 2⁻¹³:
+    a value under 2⁻¹⁴ is moved there by ±2⁻¹⁴, rounded, and moved back (exact, but for the float32 rounding
+    of the first move: 2⁻¹⁴ of a spacing at most). The random bits come as full-range 64-bit draws, four
+    weights' to a draw (3x cheaper on a CPU than 32-bit draws of a range), and nothing here waits for a GPU:
+    MeZO's update rounds every weight at every step."""
+    bits, n, cut = values.view(torch.int32), values.numel(), CUT_BITS[dtype]
+    offset = None
+    if dtype == torch.float16:  # ±2⁻¹⁴ (the value's sign) where |value| < 2⁻¹⁴, else 0; in place, one buffer
+        offset = values.abs().lt_(FLOAT16_SMALLEST_NORMAL).mul_(FLOAT16_SMALLEST_NORMAL)
+        values.add_(torch.copysign(offset, values, out=offset))
     draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=values.device)
     draws.random_(-(1 << 63), None, generator=generator)  # from the lowest int64 to the top: all 64 bits
     noise = torch.empty(values.shape, dtype=torch.int32, device=values.device)
-    noise.copy_(draws.view(torch.int16)[:n].view(values.shape)).bitwise_and_(0xFFFF)  # 16 bits, unsigned
-    values.view(torch.int32).add_(noise).bitwise_and_(-65536)
+    noise.copy_(draws.view(torch.int16)[:n].view(values.shape)).bitwise_and_((1 << cut) - 1)  # c bits
+    bits.add_(noise).bitwise_and_(-(1 << cut))
+    if offset is not None:
+        values.sub_(offset)
     return values
 
 

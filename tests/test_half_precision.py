@@ -225,6 +225,27 @@ def test_stochastic_rounding_is_unbiased(dtype):
     assert ((draws.mean(0) - values).abs() < 5 * 0.5 / 4000**0.5 * spacing).all()
 
 
+def test_float16_stochastic_rounding_is_unbiased_among_subnormals():
+    # fp16's subnormals are evenly spaced by 2⁻²⁴ below 2⁻¹⁴ (its smallest normal), unlike float32's numbers:
+    # values there, under the smallest subnormal, on the grid, of both signs, and zero.
+    spacing = 2.0**-24
+    uniform = torch.rand(60, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    values = torch.cat(
+        [
+            (uniform * 2 - 1) * 2.0**-14,  # anywhere in (−2⁻¹⁴, 2⁻¹⁴)
+            torch.tensor([0.3, -0.7, 0.0, 1.0, -3.0, 1023.5, 1023.9])
+            * spacing,  # tiny, zero, on the grid, top
+        ]
+    ).float()
+    below = torch.floor(values.double() / spacing) * spacing
+    generator = torch.Generator().manual_seed(1)
+    draws = torch.stack([stochastic_round(values, torch.float16, generator).double() for _ in range(4000)])
+    assert ((draws == below) | (draws == below + spacing)).all()  # only the two neighbours
+    on_grid = values.double() == below
+    assert (draws[:, on_grid] == values[on_grid].double()).all()  # exact values stay
+    assert ((draws.mean(0) - values.double()).abs() < 5 * 0.5 / 4000**0.5 * spacing).all()
+
+
 def replay(weights, dtype, lr, steps, **settings):
     params = [torch.nn.Parameter(w.to(dtype, copy=True)) for w in weights]
     start = [p.detach().float().clone() for p in params]
