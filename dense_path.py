@@ -63,6 +63,7 @@ class DensePath:
         # Buffers per shape and dtype, reused by every module of that shape: a fresh allocation for each
         # module and forward would fault in new pages each time (a third of a float32 MeZO step on a CPU).
         self.pool = {}
+        self.kept_rows = {}  # embedding -> (step and query, ids, its rows at −1), from the +1 forward
         self.half = None  # in the forward of a paired module: which half (0: θ+εz, 1: θ−εz) is running
         self.watched, self.watching, self.hooks, self.running = False, False, [], RunningModules()
         self.forwards = {}  # module -> the forward it had before this path replaced it (None: its class's)
@@ -264,13 +265,21 @@ class DensePath:
         return out
 
     def _embedding_by_blocks(self, module, ids, position):
+        """The rows of `ids` at `position`. At +1, the same rows at −1 come from the same draw and are kept
+        for the −1 forward of the same ids that follows, which then draws nothing: a tied embedding (21 % of
+        SmolLM2's weights) is drawn once a step for the lookups, besides the LM head's draws."""
+        key = (self.optimizer.zo_step, self.optimizer.query)
+        kept = self.kept_rows.pop(module, None)
+        if position == -1 and kept is not None and kept[0] == key and torch.equal(kept[1], ids):
+            return kept[2]
         out = F.embedding(ids, module.weight.data, module.padding_idx)
-        parts = [
-            (ids_part.reshape(-1), out_part.view(-1, out.shape[-1]))
-            for ids_part, out_part in zip(
-                self._halves(module, ids, position), self._halves(module, out, position), strict=True
-            )
-        ]
+        if position == 1:
+            minus = out.clone()
+            self.kept_rows[module] = (key, ids.clone(), minus)
+            parts, position = [(ids, out), (ids, minus)], PAIR  # (PAIR: both signs from one draw)
+        else:
+            parts = zip(self._halves(module, ids, position), self._halves(module, out, position), strict=True)
+        parts = [(ids_part.reshape(-1), out_part.view(-1, out.shape[-1])) for ids_part, out_part in parts]
         i = self.tensors[id(module.weight)]
         for rows, blocks in self.optimizer.perturbed_rows(i, module.weight.data, position):
             for (flat, rows_out), block in zip(parts, blocks, strict=True):

@@ -82,13 +82,21 @@ def test_large_linear_and_embedding_layers_are_perturbed_block_by_block(dtype, t
     optimizer.attach(model)
     own_forward = (torch.nn.Linear.forward, torch.nn.Embedding.forward)
     assert len(optimizer.dense_path.blocked) == sum(type(m).forward in own_forward for m in model.modules())
+    drawn = []  # the tensors whose rows are drawn, in order
+    perturbed_rows = optimizer.perturbed_rows
+    monkeypatch.setattr(optimizer, "perturbed_rows", lambda i, *a: drawn.append(i) or perturbed_rows(i, *a))
+    embedding = optimizer.index[id(model.get_input_embeddings().weight)]
     optimizer.begin_step()
-    for position in (+1, -1):
+    # −1 after +1 on the same ids reads its embedding rows from +1's draw; on other ids it draws them.
+    for position, ids in ((+1, IDS), (-1, IDS), (-1, IDS.flip(1))):
+        drawn.clear()
         optimizer.move_to(position)
-        logits = model(input_ids=IDS).logits
+        logits = model(input_ids=ids).logits
         weights = {n: optimizer.effective_weight(p).to(dtype) for n, p in model.named_parameters()}
         plain.load_state_dict(weights, strict=False)
         tolerance = 1e-6 if dtype == torch.float32 else 1e-2
-        torch.testing.assert_close(logits, plain(input_ids=IDS).logits, rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(logits, plain(input_ids=ids).logits, rtol=tolerance, atol=tolerance)
+        lookups_drawn = position == 1 or ids is not IDS
+        assert drawn.count(embedding) == 1 + lookups_drawn  # the (tied) LM head's draw, and the lookups'
     optimizer.release()
     assert all("forward" not in m.__dict__ for m in model.modules())  # the layers' own forwards again
