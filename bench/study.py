@@ -66,9 +66,11 @@ LR_GRID = (5e-6, 1e-5, 2e-5)
 QUERIES, QUERY_TASKS, QUERY_METHODS = 4, ("SST2",), ("LOZO", "MeZO")
 # What half precision costs MeZO in accuracy, at the rate chosen above, on these tasks and seeds: its bf16
 # runs above kept a float32 master copy of the weights (the default when they ran); PRECISIONS' runs keep
-# bf16 weights at inference memory (the update rounded stochastically: today's default) or float32 weights.
+# bf16 weights at inference memory (the update rounded stochastically: today's default), bf16 weights with a
+# bf16 compensation buffer (+2 bytes a weight), or float32 weights: the flags of each.
 PRECISION_TASKS, PRECISION_SEEDS = ("SST2",), (0, 1)
-PRECISIONS = {"rounded": "--load_bfloat16", "float32": None}
+BF16 = ("--load_bfloat16",)
+PRECISIONS = {"rounded": BF16, "compensated": (*BF16, "--zo_compensated"), "float32": ()}
 FT_LRS = (1e-5, 3e-5)
 # Zeroth-order checkpoints hold steps, not weights: cheap to write and they leave the run untouched, so
 # often. FT's hold weights and AdamW's moments (1.6 GB): every epoch.
@@ -80,19 +82,19 @@ def here(path):
     return os.path.relpath(path, REPO)
 
 
-def common(task, seed, precision="--load_bfloat16"):
-    """The arguments every run shares; `precision` None: float32 weights."""
+def common(task, seed, precision=BF16):
+    """The arguments every run shares; `precision`: the weights' flags (none: float32 weights)."""
     # Evaluation one sample at a time, as MeZO and the study's first runs evaluated: batched scoring
     # (run_lozo's default) computes the same scores but rounds differently in bf16: it can flip a near tie.
     return [
-        "--task_name", task, "--model_name", here(MODEL), *([precision] if precision else []),
+        "--task_name", task, "--model_name", here(MODEL), *precision,
         "--per_device_eval_batch_size", "1",
         "--data_dir", os.environ.get("LOZO_DATA_DIR", here(REPO.parent / "shared" / "data")),
         "--train_set_seed", str(seed),
     ]  # fmt: skip
 
 
-def zo_run(task, method, seed, lr, queries=1, precision="--load_bfloat16"):
+def zo_run(task, method, seed, lr, queries=1, precision=BF16):
     return [
         *common(task, seed, precision), *ZO_METHODS[method], "--num_train", "1000", "--num_dev", "100",
         "--per_device_train_batch_size", "8", "--learning_rate", str(lr), "--zo_eps", "1e-3",
@@ -106,7 +108,7 @@ def zo_run(task, method, seed, lr, queries=1, precision="--load_bfloat16"):
 def ft_run(task, seed, lr):
     return [
         # AdamW's steps (~lr) are far below a bf16 weight's last bit: float32 weights, bf16 autocast.
-        *common(task, seed, "--bf16"), "--trainer", "regular", "--num_train", "1000", "--num_dev", "100",
+        *common(task, seed, ("--bf16",)), "--trainer", "regular", "--num_train", "1000", "--num_dev", "100",
         "--per_device_train_batch_size", "8", "--learning_rate", str(lr), "--num_train_epochs", "5",
         "--logging_steps", "10", "--eval_strategy", "epoch", "--train_as_classification",
         *resumable(SAVE_EVERY["FT"]),
@@ -436,22 +438,24 @@ def paired(these, those):
 
 
 def precision_table():
-    """MeZO's bf16 weights (with a float32 master, or rounded stochastically) against float32 weights, the
-    same rate and seeds, and the differences paired by seed."""
+    """MeZO's bf16 weights (with a float32 master, a compensation buffer, or rounded stochastically) against
+    float32 weights, the same rate and seeds, and the differences paired by seed."""
     lines = [
         f"MeZO's weights in bf16 and in float32, at the rate chosen in bf16, {STEPS} steps (bf16 with a "
-        "float32 master copy: the MeZO runs above; bf16 at inference memory: the update rounded "
-        "stochastically, today's default):",
+        "float32 master copy: the MeZO runs above; compensated: a bf16 compensation buffer carries what "
+        "each update's rounding left out; inference memory: the update rounded stochastically, today's "
+        "default):",
         "",
-        "| task | bf16, float32 master | bf16, inference memory | float32 | master minus float32 "
-        "| inference memory minus float32 |",
-        "|---|---|---|---|---|---|",
+        "| task | bf16, float32 master | bf16, compensated | bf16, inference memory | float32 "
+        "| master minus float32 | compensated minus float32 | inference memory minus float32 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for task in PRECISION_TASKS:
         master = {seed: a for seed, a in by_seed("MeZO", task).items() if seed in PRECISION_SEEDS}
-        rounded, full = by_seed("MeZO-rounded", task), by_seed("MeZO-float32", task)
-        accuracy = [cell(list(runs.values())) for runs in (master, rounded, full)]
-        differences = [cell(paired(master, full)), cell(paired(rounded, full))]
+        bf16 = [master, by_seed("MeZO-compensated", task), by_seed("MeZO-rounded", task)]
+        full = by_seed("MeZO-float32", task)
+        accuracy = [cell(list(runs.values())) for runs in (*bf16, full)]
+        differences = [cell(paired(runs, full)) for runs in bf16]
         lines.append(f"| {task} | " + " | ".join(accuracy + differences) + " |")
     return lines
 

@@ -55,11 +55,11 @@ def test_every_planned_command_is_accepted(empty_study, tmp_path, monkeypatch):
 
 
 def test_the_list_counts_finished_runs_and_shows_where_unfinished_ones_stand(empty_study, capsys):
-    """81 runs in all (3 tasks x (zero-shot, 3 ICL, 9 + 2 grid rates, 4 methods x 2 more seeds), LOZO and
+    """83 runs in all (3 tasks x (zero-shot, 3 ICL, 9 + 2 grid rates, 4 methods x 2 more seeds), LOZO and
     MeZO with 4 directions a step on SST-2's 3 seeds, and on seed 0 with the batched pair, and MeZO with
-    rounded bf16 and with float32 weights on SST-2's seeds 0 and 1); seed 0's final run is its selection run
-    and is not counted twice."""
-    assert study.study_size() == 81
+    rounded bf16, compensated bf16 and float32 weights on SST-2's seeds 0 and 1); seed 0's final run is its
+    selection run and is not counted twice."""
+    assert study.study_size() == 83
     for lr in study.LR_GRID:
         write_result(empty_study, study.selection("RTE", "LOZO", lr), dev=0.6)
     write_result(empty_study, "zero-shot-RTE", dev=None)
@@ -70,7 +70,7 @@ def test_the_list_counts_finished_runs_and_shows_where_unfinished_ones_stand(emp
     assert states["select-RTE-LOZO-lr1e-05"] == states["LOZO-RTE-seed0"] == "done"
     assert states["select-RTE-MeZO-lr5e-06"] == "todo (step 425 kept)"
     assert states["LOZO-RTE-seed1"] == states["icl-RTE-seed0"] == "todo"
-    assert lines[-1] == "4 of 81 runs done"
+    assert lines[-1] == "4 of 83 runs done"
 
 
 def test_zeroth_order_methods_get_the_same_forward_passes_and_grid(empty_study):
@@ -100,15 +100,20 @@ def test_several_directions_run_at_equal_forward_passes_and_the_chosen_rate(empt
 
 
 def test_mezo_precision_runs_differ_from_the_bf16_run_only_in_the_weights_dtype(empty_study):
-    """Once SST-2's MeZO rate is chosen: bf16 weights rounded at every update (the default) and float32
-    weights, at that rate, on seeds 0 and 1; the runs differ from the bf16 one only in the dtype flag."""
+    """Once SST-2's MeZO rate is chosen: bf16 weights rounded at every update (the default), bf16 weights
+    with a compensation buffer, and float32 weights, at that rate, on seeds 0 and 1; the runs differ from the
+    bf16 one only in the weights' flags."""
     for lr in study.LR_GRID:
         write_result(empty_study, study.selection("SST2", "MeZO", lr), dev=0.7 if lr == 1e-5 else 0.6)
     planned = dict(study.runs())
-    names = [name for name in planned if name.startswith(("MeZO-rounded", "MeZO-float32"))]
-    assert sorted(names) == sorted(f"MeZO-{v}-SST2-seed{s}" for v in ("rounded", "float32") for s in (0, 1))
+    variants = ("rounded", "compensated", "float32")
+    names = [name for name in planned if name.startswith(tuple(f"MeZO-{v}" for v in variants))]
+    assert sorted(names) == sorted(f"MeZO-{v}-SST2-seed{s}" for v in variants for s in (0, 1))
     bf16 = planned["MeZO-SST2-seed1"]
     assert planned["MeZO-rounded-SST2-seed1"] == bf16
+    compensated = planned["MeZO-compensated-SST2-seed1"]
+    assert compensated.count("--zo_compensated") == 1
+    assert [arg for arg in compensated if arg != "--zo_compensated"] == bf16
     assert planned["MeZO-float32-SST2-seed1"] == [arg for arg in bf16 if arg != "--load_bfloat16"]
 
 
@@ -310,11 +315,14 @@ def test_wall_times_compare_only_on_the_same_kind_of_machine(empty_study):
         write_result(empty_study, f"MeZO-SST2-seed{seed}", dev=0.7, accuracy=master)
         write_result(empty_study, f"MeZO-rounded-SST2-seed{seed}", dev=0.7, accuracy=rounded)
         write_result(empty_study, f"MeZO-float32-SST2-seed{seed}", dev=0.7, accuracy=full)
+    write_result(empty_study, "MeZO-compensated-SST2-seed1", dev=0.7, accuracy=0.73)  # one seed so far
     cells = study.precision_table()[-1].split(" | ")[1:]
     assert cells == [
         "70.5 ± 0.7 (n=2)",
+        "73.0 (n=1)",
         "69.5 ± 0.7 (n=2)",
         "71.0 ± 1.4 (n=2)",
         "-0.5 ± 2.1 (n=2)",
+        "3.0 (n=1)",
         "-1.5 ± 2.1 (n=2) |",
     ]
