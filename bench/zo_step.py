@@ -22,7 +22,9 @@ Every timed step is followed by one timed forward pass in the same process ("for
 the ratio to two forwards divides by that, so a shared machine's load, which slows both, cancels out;
 the top-level "forward_s" is the fresh "forward" process's own. For the project's ZO methods
 "weight_passes_s" times the step without its forward passes (draw the directions, move to θ+εZ and
-θ−εZ, update): what the method adds to two forwards besides the side path inside them.
+θ−εZ, update): what the method adds to two forwards besides the side path inside them. MeZO's default
+step is also timed alternately with its in-place step in one process ("over_in_place"; the in-place step on
+a second copy of the model, loaded after the peak-memory sampling).
 Peak memory: the highest resident set size sampled during the timed steps (CPU), or
 torch.cuda.max_memory_allocated (GPU).
 """
@@ -305,6 +307,8 @@ def run_worker(opts):
     }
     if optimizer is not None and trainer.args.zo_batched_pair:
         result |= alternated_with_two_passes(trainer, run_step, reference_forward, batch, opts, synchronized)
+    if method == "MeZO":
+        result |= alternated_with_in_place(run_step, batch, opts, synchronized)
     if weight_passes is not None:
         result["weight_passes_s"] = statistics.median(
             timed(weight_passes, synchronized) for _ in range(opts.steps)
@@ -338,6 +342,28 @@ def alternated_with_two_passes(trainer, run_step, reference_forward, batch, opts
         "pair_over_two_passes": pair / two,
         "pair_over_forward_2B": pair / forward_2B,
     }
+
+
+def alternated_with_in_place(run_step, batch, opts, synchronized):
+    """MeZO's default step and its in-place step (`--zo_in_place`, on a second copy of the model), timed in
+    turn in one process: the issue's "no slower than in place" is a difference of a few percent, which a
+    shared machine's drift between processes hides."""
+    model, tokenizer = load_model(opts.model, getattr(torch, opts.dtype), opts.device)
+    model.eval()
+    trainer = make_trainer(model, tokenizer, "MeZO-in-place", opts.batch, tempfile.mkdtemp())
+
+    def in_place():
+        trainer.zo_training_step(model, batch)
+        trainer.zo_optimizer.step()
+
+    in_place()  # warm-up
+    times = {"default": [], "in_place": []}
+    for _ in range(opts.steps):
+        times["default"].append(timed(run_step, synchronized))
+        times["in_place"].append(timed(in_place, synchronized))
+    default, in_place_s = (statistics.median(t) for t in times.values())
+    alternated = {"default_s": default, "in_place_s": in_place_s}
+    return {"alternated": alternated, "over_in_place": default / in_place_s}
 
 
 def timed(function, synchronized):
@@ -470,6 +496,8 @@ def main():
     chart(report, out.with_suffix(".png"))
     print(table(report))
     for name, m in report["methods"].items():
+        if "over_in_place" in m:
+            print(f"{name}, alternated in one process with its in-place step: {m['over_in_place']:.2f} × it")
         if "pair_over_two_passes" in m:
             print(
                 f"{name}, alternated in one process: {m['pair_over_two_passes']:.2f} × its two-pass step, "
