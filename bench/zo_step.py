@@ -331,16 +331,15 @@ def alternated_with_two_passes(trainer, run_step, reference_forward, batch, opts
         finally:
             trainer.args.zo_batched_pair = True
 
-    times = {"pair": [], "two_passes": [], "forward_2B": []}
-    for _ in range(opts.steps):
-        times["pair"].append(timed(run_step, synchronized))
-        times["two_passes"].append(timed(two_passes, synchronized))
-        times["forward_2B"].append(timed(lambda: reference_forward(twice), synchronized))
-    pair, two, forward_2B = (statistics.median(t) for t in times.values())
+    medians = alternated(
+        {"pair_s": run_step, "two_passes_s": two_passes, "forward_2B_s": lambda: reference_forward(twice)},
+        opts.steps,
+        synchronized,
+    )
     return {
-        "alternated": {"pair_s": pair, "two_passes_s": two, "forward_2B_s": forward_2B},
-        "pair_over_two_passes": pair / two,
-        "pair_over_forward_2B": pair / forward_2B,
+        "alternated": medians,
+        "pair_over_two_passes": medians["pair_s"] / medians["two_passes_s"],
+        "pair_over_forward_2B": medians["pair_s"] / medians["forward_2B_s"],
     }
 
 
@@ -357,13 +356,17 @@ def alternated_with_in_place(run_step, batch, opts, synchronized):
         trainer.zo_optimizer.step()
 
     in_place()  # warm-up
-    times = {"default": [], "in_place": []}
-    for _ in range(opts.steps):
-        times["default"].append(timed(run_step, synchronized))
-        times["in_place"].append(timed(in_place, synchronized))
-    default, in_place_s = (statistics.median(t) for t in times.values())
-    alternated = {"default_s": default, "in_place_s": in_place_s}
-    return {"alternated": alternated, "over_in_place": default / in_place_s}
+    medians = alternated({"default_s": run_step, "in_place_s": in_place}, opts.steps, synchronized)
+    return {"alternated": medians, "over_in_place": medians["default_s"] / medians["in_place_s"]}
+
+
+def alternated(functions, steps, synchronized):
+    """{name: median seconds} of `functions` ({name: function}), timed in turn `steps` times each."""
+    times = {name: [] for name in functions}
+    for _ in range(steps):
+        for name, function in functions.items():
+            times[name].append(timed(function, synchronized))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def timed(function, synchronized):

@@ -230,13 +230,9 @@ def test_float16_stochastic_rounding_is_unbiased_among_subnormals():
     # values there, under the smallest subnormal, on the grid, of both signs, and zero.
     spacing = 2.0**-24
     uniform = torch.rand(60, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    values = torch.cat(
-        [
-            (uniform * 2 - 1) * 2.0**-14,  # anywhere in (−2⁻¹⁴, 2⁻¹⁴)
-            torch.tensor([0.3, -0.7, 0.0, 1.0, -3.0, 1023.5, 1023.9])
-            * spacing,  # tiny, zero, on the grid, top
-        ]
-    ).float()
+    anywhere = (uniform * 2 - 1) * 2.0**-14  # in (−2⁻¹⁴, 2⁻¹⁴)
+    special = torch.tensor([0.3, -0.7, 0.0, 1.0, -3.0, 1023.5, 1023.9]) * spacing  # tiny, zero, on grid, top
+    values = torch.cat([anywhere, special]).float()
     below = torch.floor(values.double() / spacing) * spacing
     generator = torch.Generator().manual_seed(1)
     draws = torch.stack([stochastic_round(values, torch.float16, generator).double() for _ in range(4000)])
