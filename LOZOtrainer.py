@@ -52,7 +52,7 @@ class ZOArguments:
     zo_in_place: bool = False  # MeZO: MeZO's own in-place arithmetic
     zo_master_weights: bool = False  # MeZO: a float32 master copy of the weights
     zo_compensated: bool = False  # MeZO: half-precision updates carried in a compensation buffer (Kahan)
-    zo_batched_pair: bool = False  # θ+εZ and θ−εZ as one forward of the batch twice
+    zo_batched_pair: bool = False  # θ ± εZ_k of every direction k as one forward of the batch 2q times
     zo_queries: int = 1  # directions a step; the update averages them
     zo_trajectory_checkpoints: bool = False  # checkpoints record the steps, not the weights
     save_on_interrupt: bool = False  # SIGTERM / SIGUSR1: checkpoint after this step and stop
@@ -139,14 +139,14 @@ class LowRankTrainer(Trainer):
 
     # ---- losses ----
 
-    def loss_sum(self, model, inputs, pair=False):
-        """(summed loss, number of items) of a batch, so that batches can be combined exactly; with `pair`
-        ([summed loss at θ+εZ, at θ−εZ], number of items) from one forward of the batch twice."""
+    def loss_sum(self, model, inputs, copies=1):
+        """(summed loss, number of items) of a batch, so that batches can be combined exactly; with `copies`
+        n > 1 ([summed loss of each copy], number of items) from one forward of the batch n times."""
         if "gold" in inputs:
-            return self.negative_f1_sum(model, inputs, pair)
-        pack = self.zo.padding_free
-        losses = model_option_loss(model, inputs, self.pad_token_id, reduction="sum", pack=pack, pair=pair)
-        return ([total for total, _ in losses], losses[0][1]) if pair else losses
+            return self.negative_f1_sum(model, inputs, copies)
+        pad, pack = self.pad_token_id, self.zo.padding_free
+        losses = model_option_loss(model, inputs, pad, reduction="sum", pack=pack, copies=copies)
+        return ([total for total, _ in losses], losses[0][1]) if copies > 1 else losses
 
     @property
     def pad_token_id(self):
@@ -157,11 +157,11 @@ class LowRankTrainer(Trainer):
         loss = total / count
         return (loss, None) if return_outputs else loss
 
-    def negative_f1_sum(self, model, inputs, pair=False):
+    def negative_f1_sum(self, model, inputs, copies=1):
         """--non_diff: minus the F1 of greedy answers (SQuAD-style), a loss only ZO methods can use."""
         args, tokenizer = self.args, self.processing_class
         newline = tokenizer.encode(args.eos_token, add_special_tokens=False)[-1]
-        prompts = paired({k: inputs[k] for k in ("input_ids", "attention_mask")}, pair)
+        prompts = paired({k: inputs[k] for k in ("input_ids", "attention_mask")}, copies)
         # With several GPUs in one process HF wraps the model in DataParallel, which has no generate().
         output = self.accelerator.unwrap_model(model).generate(
             **prompts,
@@ -172,10 +172,10 @@ class LowRankTrainer(Trainer):
             pad_token_id=tokenizer.pad_token_id,
         )
         answers = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        golds = inputs["gold"] * (2 if pair else 1)
+        golds = inputs["gold"] * copies
         scores = torch.tensor([f1(answer.strip(), gold) for answer, gold in zip(answers, golds, strict=True)])
-        sums = [-half.sum().to(inputs["input_ids"].device) for half in scores.chunk(2 if pair else 1)]
-        return (sums if pair else sums[0]), len(inputs["gold"])
+        sums = [-copy.sum().to(inputs["input_ids"].device) for copy in scores.chunk(copies)]
+        return (sums if copies > 1 else sums[0]), len(inputs["gold"])
 
     # ---- the zeroth-order step ----
 
@@ -186,9 +186,10 @@ class LowRankTrainer(Trainer):
 
     @torch.no_grad()
     def zo_training_step(self, model, inputs):
-        """The losses at θ ± εZ (two forward passes, or one of the batch twice), for each of the step's
-        directions. Micro-batches of one optimisation step share the directions; their losses are summed
-        and g is formed at the last one, which leaves the model perturbed for `optimizer.step()` to end."""
+        """The losses at θ ± εZ for each of the step's directions (two forward passes each, or one forward of
+        the batch twice per direction). Micro-batches of one optimisation step share the directions; their
+        losses are summed and g is formed at the last one, which leaves the model perturbed for
+        `optimizer.step()` to end."""
         model.eval()  # dropout off: both losses must see the same function
         inputs = self._prepare_inputs(inputs)
         optimizer = self.zo_optimizer
@@ -202,10 +203,7 @@ class LowRankTrainer(Trainer):
             optimizer.begin_step()
             self._loss_sums = torch.zeros(queries, 3, dtype=torch.float64)
         step_loss = 0.0
-        for query in range(queries):
-            if queries > 1 and (query or self._micro_batches):
-                optimizer.begin_query(query)
-            loss_plus, loss_minus, count = self.two_point_losses(model, inputs)
+        for query, (loss_plus, loss_minus, count) in enumerate(self.two_point_losses(model, inputs)):
             sums = [float(loss_plus), float(loss_minus), count]
             self._loss_sums[query] += torch.tensor(sums, dtype=torch.float64)
             step_loss += float(loss_plus + loss_minus) / (2 * count * queries)
@@ -220,24 +218,29 @@ class LowRankTrainer(Trainer):
         return torch.tensor(step_loss / self.current_gradient_accumulation_steps, device=self.args.device)
 
     def two_point_losses(self, model, inputs):
-        """L(θ+εZ) and L(θ−εZ) as (sum, sum, items), from two forwards or (--zo_batched_pair) one of the
-        batch twice; the model stays perturbed. If anything fails in between (out of memory, Ctrl-C), it is
-        put back at θ before the error propagates."""
-        optimizer = self.zo_optimizer
+        """[(L(θ+εZ_k), L(θ−εZ_k), items) of each direction k], sums: from two forwards per direction, or
+        (--zo_batched_pair) from one forward of the batch 2q times; the model stays perturbed. If anything
+        fails in between (out of memory, Ctrl-C), it is put back at θ before the error propagates."""
+        optimizer, queries = self.zo_optimizer, self.zo_optimizer.queries
         try:
             if self.zo.zo_batched_pair:
                 optimizer.move_to(PAIR)
-                (loss_plus, loss_minus), count = self.loss_sum(model, inputs, pair=True)
-                return loss_plus, loss_minus, count
-            optimizer.move_to(+1)
-            loss_plus, count = self.loss_sum(model, inputs)
-            optimizer.move_to(-1)
-            loss_minus, _ = self.loss_sum(model, inputs)
+                losses, count = self.loss_sum(model, inputs, copies=2 * queries)
+                return [(*losses[2 * k : 2 * k + 2], count) for k in range(queries)]
+            evaluated = []
+            for query in range(queries):
+                if queries > 1 and (query or self._micro_batches):
+                    optimizer.begin_query(query)
+                optimizer.move_to(+1)
+                loss_plus, count = self.loss_sum(model, inputs)
+                optimizer.move_to(-1)
+                loss_minus, _ = self.loss_sum(model, inputs)
+                evaluated.append((loss_plus, loss_minus, count))
         except BaseException:
             optimizer.move_to(0)
             self._micro_batches = 0
             raise
-        return loss_plus, loss_minus, count
+        return evaluated
 
     # Between steps the model computes with θ, but a LOZO matrix's recent updates live in its low-rank
     # factors: a checkpoint first writes them into the weights (settle), and the end of training also

@@ -40,7 +40,8 @@ def blocked_kind(module):
 class DensePath:
     """Swaps each trainable tensor of `tensors` (id of a parameter -> its optimizer index) for its perturbed
     copy during the forward of the modules that own it, while `optimizer.position` is not 0. With a batched
-    pair (`PAIR`), such a module runs its forward once per half of the batch, with that half's copy."""
+    pair (`PAIR`), such a module runs its forward once per part of the batch (two per direction of the
+    step), with that part's copy."""
 
     def __init__(self, model, optimizer, tensors, names):
         self.model, self.optimizer, self.tensors, self.names = model, optimizer, tensors, names
@@ -64,7 +65,7 @@ class DensePath:
         # module and forward would fault in new pages each time (a third of a float32 MeZO step on a CPU).
         self.pool = {}
         self.kept_rows = {}  # embedding -> (step and query, ids, its rows at −1), from the +1 forward
-        self.half = None  # in the forward of a paired module: which half (0: θ+εz, 1: θ−εz) is running
+        self.part = None  # in the forward of a paired module: which part (of evaluations(PAIR)) is running
         self.watched, self.watching, self.hooks, self.running = False, False, [], RunningModules()
         self.forwards = {}  # module -> the forward it had before this path replaced it (None: its class's)
         self.busy = False  # swapping (its own reads of the weights are not the model's)
@@ -102,29 +103,33 @@ class DensePath:
                 module.forward = forward
         self.forwards = {}
 
-    def position(self):
-        """The position the running forward computes at: the optimizer's, or inside one half of a paired
-        module's forward, that half's."""
-        return self.optimizer.position if self.half is None else (1, -1)[self.half]
+    def evaluating(self):
+        """The (direction, sign) of each part the running forward computes: the optimizer's position's, or
+        inside one part of a paired module's forward, that part's."""
+        evaluations = self.optimizer.evaluations(self.optimizer.position)
+        return evaluations if self.part is None else [evaluations[self.part]]
 
-    def swaps(self, param_id, position):
-        """Whether a tensor computes with a perturbed copy at `position` (a master's weights are written by
-        the optimizer at ±1; a pair perturbs every dense tensor here)."""
+    def swaps(self, param_id):
+        """Whether a tensor computes with perturbed copies now (a master's weights are written by the
+        optimizer at ±1; a pair perturbs every dense tensor here)."""
+        position = self.optimizer.position
         return position is PAIR or (
             position in (1, -1) and self.tensors[param_id] in self.optimizer.transient
         )
 
     # ---- copies ----
 
-    def _copies(self, param_id, position):
-        """[round(W + s·εz) for each position s of `position`] of a tensor: drawn now into pooled buffers,
-        or for a tied tensor once a forward."""
+    def _copies(self, param_id):
+        """[round(W + s·εz_k) for each part (k, s) of the optimizer's position] of a tensor: drawn now into
+        pooled buffers, or for a tied tensor once a forward."""
+        position = self.optimizer.position
         built = self.built.get(param_id)
         if built is not None and built[0] == position:
             return built[1]
         own, tied = self.params[param_id].data, param_id in self.tied
-        outs = None if tied else [self._take(own) for _ in self.optimizer.signs(position)]
-        copies = self.optimizer.perturbed(self.tensors[param_id], own, position, outs)
+        evaluations = self.optimizer.evaluations(position)
+        outs = None if tied else [self._take(own) for _ in evaluations]
+        copies = self.optimizer.perturbed(self.tensors[param_id], own, evaluations, outs)
         if tied:
             self.built[param_id] = (position, copies)
         return copies
@@ -162,28 +167,27 @@ class DensePath:
     # ---- one position: hooks around the owner's forward ----
 
     def _swap(self, module, args):
-        position = self.position()
-        if position not in (1, -1) or self.half is not None:
+        if self.optimizer.position not in (1, -1):
             return
         self.busy = True
         for param_id in self.owned[module]:
-            if self.swaps(param_id, position):
+            if self.swaps(param_id):
                 if param_id in self.swapped:
                     self._put(param_id, None)
                 else:
-                    copies = self._copies(param_id, position)
+                    copies = self._copies(param_id)
                     self._put(param_id, copies[0], copies)
         self.busy = False
 
     def _restore(self, module, args, output):
-        if self.optimizer.position not in (1, -1) or self.half is not None:
+        if self.optimizer.position not in (1, -1):
             return
         self.busy = True
         for param_id in self.owned[module]:
             self._take_back(param_id)
         self.busy = False
 
-    # ---- the batched pair: the owner's forward once per half ----
+    # ---- the batched pair: the owner's forward once per part ----
 
     def _paired_forward(self, module, original):
         def forward(*args, **kwargs):
@@ -191,15 +195,15 @@ class DensePath:
                 return original(*args, **kwargs)
             own = [param_id for param_id in self.owned[module] if param_id not in self.swapped]
             self.busy = True
-            copies = {param_id: self._copies(param_id, PAIR) for param_id in own}
+            copies = {param_id: self._copies(param_id) for param_id in own}
             self.busy = False
             try:
-                if self.half is not None:  # inside a paired ancestor's half: that half's weights
-                    return self._run_half(module, original, copies, self.half, args, kwargs)
-                halves = split_pair(args, kwargs, self.optimizer.pair, type(module).__name__)
+                if self.part is not None:  # inside a paired ancestor's part: that part's weights
+                    return self._run_part(module, original, copies, self.part, args, kwargs)
+                parts = split_pair(args, kwargs, self.optimizer.pair, type(module).__name__)
                 outputs = []
-                for half, (half_args, half_kwargs) in enumerate(halves):
-                    outputs.append(self._run_half(module, original, copies, half, half_args, half_kwargs))
+                for part, (part_args, part_kwargs) in enumerate(parts):
+                    outputs.append(self._run_part(module, original, copies, part, part_args, part_kwargs))
                 return join_pair(outputs, self.optimizer.pair, type(module).__name__)
             finally:
                 for param_id, pair in copies.items():
@@ -207,11 +211,11 @@ class DensePath:
 
         return forward
 
-    def _run_half(self, module, original, copies, half, args, kwargs):
-        outer, self.half = self.half, half
+    def _run_part(self, module, original, copies, part, args, kwargs):
+        outer, self.part = self.part, part
         self.busy = True
         for param_id in self.owned[module]:
-            self._put(param_id, copies[param_id][half] if param_id in copies else None)
+            self._put(param_id, copies[param_id][part] if param_id in copies else None)
         self.busy = False
         try:
             return original(*args, **kwargs)
@@ -220,7 +224,7 @@ class DensePath:
             for param_id in self.owned[module]:
                 self._take_back(param_id)
             self.busy = False
-            self.half = outer
+            self.part = outer
 
     # ---- large Linear and Embedding layers: block of rows by block ----
 
@@ -232,43 +236,42 @@ class DensePath:
         }[kind]
 
         def forward(x):
-            position = self.position()
-            if not position or not self.swaps(id(module.weight), position):  # (a master wrote it at ±1)
+            if not self.optimizer.position or not self.swaps(id(module.weight)):  # (a master wrote it at ±1)
                 return own_forward(module, x)
             self.busy = True  # its own reads of the weight are not the model's
             try:
-                return perturbed_forward(module, x, position)
+                return perturbed_forward(module, x, self.evaluating())
             finally:
                 self.busy = False
 
         return forward
 
-    def _halves(self, module, tensor, position):
-        """The parts of `tensor` computed at each position: itself, or the pair's two halves."""
-        if position is not PAIR:
+    def _parts(self, module, tensor, evaluations):
+        """The parts of `tensor` computed at each of `evaluations`: itself, or the paired batch's parts."""
+        if len(evaluations) == 1:
             return [tensor]
-        half = self.optimizer.pair.half(tensor, type(module).__name__)
-        return [tensor[:half], tensor[half:]]
+        return tensor.split(self.optimizer.pair.part(tensor, type(module).__name__))
 
-    def _linear_by_blocks(self, module, x, position):
-        bias, signs = module.bias, self.optimizer.signs(position)
-        biases = [bias] * len(signs)
-        if bias is not None and id(bias) in self.tensors and self.swaps(id(bias), position):
-            biases = self.optimizer.perturbed(self.tensors[id(bias)], bias.data, position)
+    def _linear_by_blocks(self, module, x, evaluations):
+        bias = module.bias
+        biases = [bias] * len(evaluations)
+        if bias is not None and id(bias) in self.tensors and self.swaps(id(bias)):
+            biases = self.optimizer.perturbed(self.tensors[id(bias)], bias.data, evaluations)
         out = x.new_empty(*x.shape[:-1], module.out_features)
-        xs, outs = self._halves(module, x, position), self._halves(module, out, position)
+        xs, outs = self._parts(module, x, evaluations), self._parts(module, out, evaluations)
         parts = list(zip(xs, outs, biases, strict=True))
         i = self.tensors[id(module.weight)]
-        for rows, blocks in self.optimizer.perturbed_rows(i, module.weight.data, position):
+        for rows, blocks in self.optimizer.perturbed_rows(i, module.weight.data, evaluations):
             for (x_part, out_part, b), block in zip(parts, blocks, strict=True):
                 out_part[..., rows] = F.linear(x_part, block, None if b is None else b[rows])
         return out
 
-    def _embedding_by_blocks(self, module, ids, position):
-        """The rows of `ids` at `position`. At +1, the same rows at −1 come from the same draw and are kept
-        for the −1 forward of the same ids that follows, which then draws nothing: a tied embedding (21 % of
-        SmolLM2's weights) is drawn once a step for the lookups, besides the LM head's draws."""
-        key = (self.optimizer.zo_step, self.optimizer.query)
+    def _embedding_by_blocks(self, module, ids, evaluations):
+        """The rows of `ids` at `evaluations`. At +1 (two forwards), the same rows at −1 come from the same
+        draw and are kept for the −1 forward of the same ids that follows, which then draws nothing: a tied
+        embedding (21 % of SmolLM2's weights) is drawn once a step for the lookups, besides the LM head's."""
+        optimizer = self.optimizer
+        key, position = (optimizer.zo_step, optimizer.query), optimizer.position
         kept = self.kept_rows.pop(module, None)
         if position == -1 and kept is not None and kept[0] == key and torch.equal(kept[1], ids):
             return kept[2]
@@ -276,12 +279,12 @@ class DensePath:
         if position == 1:
             minus = out.clone()
             self.kept_rows[module] = (key, ids.clone(), minus)
-            parts, position = [(ids, out), (ids, minus)], PAIR  # (PAIR: both signs from one draw)
+            parts, evaluations = [(ids, out), (ids, minus)], [(optimizer.query, 1), (optimizer.query, -1)]
         else:
-            parts = zip(self._halves(module, ids, position), self._halves(module, out, position), strict=True)
+            parts = zip(*(self._parts(module, t, evaluations) for t in (ids, out)), strict=True)
         parts = [(ids_part.reshape(-1), out_part.view(-1, out.shape[-1])) for ids_part, out_part in parts]
         i = self.tensors[id(module.weight)]
-        for rows, blocks in self.optimizer.perturbed_rows(i, module.weight.data, position):
+        for rows, blocks in self.optimizer.perturbed_rows(i, module.weight.data, evaluations):
             for (flat, rows_out), block in zip(parts, blocks, strict=True):
                 hit = (flat >= rows.start) & (flat < rows.stop)
                 if hit.any():
@@ -291,12 +294,7 @@ class DensePath:
     # ---- the watched first perturbed forward ----
 
     def _watch(self, model, args):
-        position = self.optimizer.position
-        if (
-            self.watched
-            or self.watching
-            or not any(self.swaps(param_id, position) for param_id in self.params)
-        ):
+        if self.watched or self.watching or not any(self.swaps(param_id) for param_id in self.params):
             return
         self.watching = True
         self.running.start(model)
@@ -348,51 +346,54 @@ class UnswappedReads(TorchFunctionMode):
                     id(leaf) in path.params
                     and id(leaf) not in path.swapped
                     and path.params[id(leaf)] is leaf
-                    and path.swaps(id(leaf), path.optimizer.position)
+                    and path.swaps(id(leaf))
                 ):
                     path.refuse(id(leaf), function_name(func))
         return func(*args, **kwargs)
 
 
 def split_pair(args, kwargs, pair, what):
-    """The (args, kwargs) of a paired forward as two: every tensor of the paired batch's leading size cut
-    into its halves, anything else passed to both."""
+    """The (args, kwargs) of a paired forward as its parts: every tensor of the paired batch's leading size
+    cut into its `pair.parts` parts, anything else passed to each."""
     flat = all(not isinstance(x, (list, tuple, dict)) for x in (*args, *kwargs.values()))
     leaves, spec = ([*args, *kwargs.values()], None) if flat else tree_flatten((args, kwargs))
     batched = [isinstance(x, torch.Tensor) and pair.batched(x) for x in leaves]
     if not any(batched) and any(isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == 1 for x in leaves):
-        return [(args, kwargs)] * 2  # inputs shared by the batch (positions (1, T)): see join_pair
+        return [(args, kwargs)] * pair.parts  # inputs shared by the batch (positions (1, T)): see join_pair
     if not any(batched):
         raise UsageError(
             f"--zo_batched_pair cannot split the forward of {what}: none of its inputs has the paired "
             f"batch's leading sizes {pair.sizes}; drop --zo_batched_pair"
         )
-    halves = []
-    for half in (0, 1):
-        cut = [x.chunk(2)[half] if split else x for x, split in zip(leaves, batched, strict=True)]
+    n = pair.parts
+    cuts = [x.chunk(n) if split else [x] * n for x, split in zip(leaves, batched, strict=True)]
+    parts = []
+    for cut in zip(*cuts, strict=True):
         if spec is None:
-            halves.append((tuple(cut[: len(args)]), dict(zip(kwargs, cut[len(args) :], strict=True))))
+            parts.append((tuple(cut[: len(args)]), dict(zip(kwargs, cut[len(args) :], strict=True))))
         else:
-            halves.append(tree_unflatten(cut, spec))
-    return halves
+            parts.append(tree_unflatten(list(cut), spec))
+    return parts
 
 
 def join_pair(outputs, pair, what):
-    """The two halves' outputs of a paired forward as one: their tensors concatenated along the batch (an
-    output shared by the batch, of leading size 1, expanded to the half's rows first)."""
+    """The parts' outputs of a paired forward as one: their tensors concatenated along the batch (an output
+    shared by the batch, of leading size 1, expanded to a part's rows first)."""
     if all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in outputs):
         if outputs[0].shape[0] == 1 != pair.sizes[0]:
-            outputs = [x.expand(pair.sizes[0] // 2, *x.shape[1:]) for x in outputs]
+            outputs = [x.expand(pair.sizes[0] // pair.parts, *x.shape[1:]) for x in outputs]
         return torch.cat(outputs)
-    (first, spec), (second, _) = tree_flatten(outputs[0]), tree_flatten(outputs[1])
+    flats = [tree_flatten(output)[0] for output in outputs]
+    spec = tree_flatten(outputs[0])[1]
     joined = []
-    for a, b in zip(first, second, strict=True):
-        if isinstance(a, torch.Tensor) and a.dim() > 0:
-            joined.append(torch.cat([a, b]))
-        elif not isinstance(a, torch.Tensor) and a == b:
-            joined.append(a)
+    for values in zip(*flats, strict=True):
+        first = values[0]
+        if isinstance(first, torch.Tensor) and first.dim() > 0:
+            joined.append(torch.cat(values))
+        elif not isinstance(first, torch.Tensor) and all(value == first for value in values):
+            joined.append(first)
         else:
             raise UsageError(
-                f"--zo_batched_pair cannot join the two halves' outputs of {what}; drop --zo_batched_pair"
+                f"--zo_batched_pair cannot join the parts' outputs of {what}; drop --zo_batched_pair"
             )
     return tree_unflatten(joined, spec)

@@ -40,8 +40,8 @@ CHUNK = 1 << 20  # elements per row block of a merge: no parameter-sized tempora
 
 X_WT, X_W, ROWS, COLS = "x·Wᵀ", "x·W", "W[ids]", "Wᵀ[ids]"
 
-# The position of a batched ± pair (--zo_batched_pair): the forward's batch is the micro-batch twice, its
-# first half computed at θ+εZ and its second at θ−εZ.
+# The position of a batched ± pair (--zo_batched_pair): the forward's batch is the micro-batch 2q times, for
+# the q directions of the step: its parts computed at θ+εZ₁, θ−εZ₁, θ+εZ₂, θ−εZ₂, … in that order.
 PAIR = "±"
 
 
@@ -49,24 +49,26 @@ class PairBatch:
     """The batch a paired forward is running, as the leading sizes its reads may have: its rows (the model
     input's first dimension), its tokens (rows × sequence length, as modules that flatten their input see
     it, e.g. OPT's feed-forward blocks) and its kept positions (an LM head fed only the positions of
-    `logits_to_keep`), each in batch order; set from the model's input by the optimizer's root hook. `half`
-    checks that a read's input has one of them, so that its halves are the two positions: tokens routed to
-    experts, or a sequence-first layout, are refused rather than split wrongly."""
+    `logits_to_keep`), each in batch order; set from the model's input by the optimizer's root hook. The
+    batch has `parts` equal parts (2 per direction); `part` checks that a read's input has one of those
+    sizes, so that its parts are the evaluations: tokens routed to experts, or a sequence-first layout, are
+    refused rather than split wrongly."""
 
-    def __init__(self):
-        self.sizes = ()
+    def __init__(self, directions=1):
+        self.sizes, self.parts = (), 2 * directions
 
     def batched(self, x):
         return x.dim() > 0 and x.shape[0] in self.sizes
 
-    def half(self, x, what):
+    def part(self, x, what):
+        """The leading size of one part of `x`."""
         if not self.batched(x):
             raise UsageError(
                 f"--zo_batched_pair cannot split {what}: it reads a tensor of leading size {x.shape[0]}, "
                 f"not one of the paired batch's (rows, tokens, kept positions: {self.sizes}; tokens routed "
                 "to experts, or a sequence-first layout); drop --zo_batched_pair"
             )
-        return x.shape[0] // 2
+        return x.shape[0] // self.parts
 
 
 TRANSPOSED = {X_WT: X_W, X_W: X_WT, ROWS: COLS, COLS: ROWS}
@@ -167,8 +169,9 @@ class LowRankMatrix:
 
     The factors live transposed in two buffers of W's dtype, `left` and `right` ((2 + capacity)·r rows of m
     and n numbers): rows 0…r−1 hold this period, the next rows A_old and V_old, and the forward multiplies by
-    their first r + `used` rows. At the batched pair's position (`PAIR`), r more rows follow, (ε/scale)·Uᵀ
-    and V again, whose products the forward negates for the second half of the batch (θ−εZ). C accumulates
+    their first r + `used` rows. At the batched pair's position (`PAIR`), r more rows follow for each of the
+    step's q directions, (ε/scale)·U_kᵀ and V again: each part of the batch keeps only its direction's
+    products, negated for the parts at θ−εZ_k. C accumulates
     in float32 and is rounded once per move; the merge writes exactly what the forward computed with. In
     float16 (on a GPU) the rows of `right` are V's columns scaled to unit length (and `left`'s rows scaled up
     to match), so that x·V cannot overflow float16's range for any input whose norm fits in it: the side
@@ -178,12 +181,15 @@ class LowRankMatrix:
         self.param, self.expert, self.rank, self.eps = param, expert, rank, eps
         self.pair = pair  # the PairBatch of a batched pair
         m, n = self.weight.shape
-        rows = (2 + capacity) * rank  # this period, `capacity` finished ones, the pair's ±εU
+        directions = pair.parts // 2 if pair is not None else 1
+        rows = (1 + capacity + directions) * rank  # this period, `capacity` finished ones, the pair's ±εU_k
         self.left = torch.zeros(rows, m, dtype=param.dtype, device=param.device)
         self.right = torch.zeros(rows, n, dtype=param.dtype, device=param.device)
         self.exact_dtype = torch.promote_types(param.dtype, torch.float32)  # of C, U and the merge
         self.C = torch.zeros(m, rank, dtype=self.exact_dtype, device=param.device)
         self.U = torch.zeros_like(self.C)
+        self.Us = [self.U]  # U of each direction a paired forward evaluates (set by the optimizer)
+        self.signs = {}  # the pair's part-by-direction signs, by dtype and dimensions (see `keep_own`)
         self.norms = torch.ones(rank, dtype=self.exact_dtype, device=param.device)
         self.normalized = param.dtype == torch.float16
         # On a CPU, float32 copies of half-precision factors (the same values) for small batches, and for
@@ -209,7 +215,7 @@ class LowRankMatrix:
         return self.used // self.rank
 
     def _views(self):
-        k = 2 * self.rank + self.used if self.position is PAIR else self.rank + self.used
+        k = self.rank + self.used + (len(self.Us) * self.rank if self.position is PAIR else 0)
         self.At, self.Bt = self.left[:k], self.right[:k]  # Aᵀ (k×m) and Bᵀ (k×n): the forward's factors
         self.mirrors = None  # float32 copies, made when a small batch first needs them after a change
 
@@ -240,9 +246,11 @@ class LowRankMatrix:
         self.left[: self.rank] = self.current().T
         if position is PAIR:
             r, k = self.rank, self.rank + self.used
-            U = (self.eps / self.scale) * self.U
-            self.left[k : k + r] = (U * self.norms if self.normalized else U).T
-            self.right[k : k + r] = self.right[:r]
+            for U in self.Us:
+                U = (self.eps / self.scale) * U
+                self.left[k : k + r] = (U * self.norms if self.normalized else U).T
+                self.right[k : k + r] = self.right[:r]
+                k += r
         self.active = position != 0 or self.used > 0 or bool(self.C.any()) or self.scale != 1.0
         self._views()
 
@@ -294,15 +302,26 @@ class LowRankMatrix:
             h, second = F.embedding(x, At.T), Bt
         else:  # Wᵀ[ids] + B[ids]·Aᵀ
             h, second = F.embedding(x, Bt.T), At
-        if self.position is PAIR:  # the second half of the rows computes at θ−εZ: −εU's products
-            half = self.pair.half(x, f"a ({self.C.shape[0]}, {self.right.shape[1]}) matrix")
-            h[half:, ..., -self.rank :].neg_()
+        if self.position is PAIR:
+            self.keep_own(h, self.pair.part(x, f"a ({self.C.shape[0]}, {self.right.shape[1]}) matrix"))
         add_product_(output, h, second)
         if self.scale != 1.0:  # scale·(read of W + side) + bias
             output.mul_(self.scale)
             if bias is not None:
                 output.add_(bias, alpha=1.0 - self.scale)
         return output
+
+    def keep_own(self, h, part):
+        """Each part of a paired batch keeps the products of its own direction's ±εU_k (the last q·r columns
+        of h): +1 for its θ+εZ_k part, −1 for its θ−εZ_k part, 0 for the other directions'."""
+        key = (h.dtype, h.dim())
+        if key not in self.signs:
+            q, r = len(self.Us), self.rank
+            signs = torch.zeros(2 * q, q * r, dtype=h.dtype, device=h.device)
+            for k in range(q):
+                signs[2 * k, k * r : (k + 1) * r], signs[2 * k + 1, k * r : (k + 1) * r] = 1, -1
+            self.signs[key] = signs.view(2 * q, *[1] * (h.dim() - 1), q * r)
+        h.view(2 * len(self.Us), part, *h.shape[1:])[..., -len(self.Us) * self.rank :].mul_(self.signs[key])
 
     def effective(self):
         """The effective weight, as the forward computes with it, in float32 (for tests and benchmarks: it is

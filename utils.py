@@ -226,31 +226,31 @@ def target_mask(input_ids, attention_mask, option_len, pad_token_id):
     return mask
 
 
-def target_logits(model, batch, mask, pack=False, pair=False, **model_kwargs):
+def target_logits(model, batch, mask, pack=False, copies=1, **model_kwargs):
     """Logits at the target positions only, (targets, vocab) in `mask.nonzero()` order. Projecting just
     these onto the vocabulary saves most of the LM head, a fifth to a third of a small model's forward.
     With `pack`, the batch runs as `pack_batch` rows where the model allows it (the same logits). With
-    `pair`, the model's inputs run twice in one batch (`paired`): the logits of both copies, one after the
-    other."""
+    `copies` n, the model's inputs run n times in one batch (`paired`): the logits of each copy, one after
+    the other."""
     keep = F.pad(mask, (0, 1))  # position j predicts id j + 1
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]} | model_kwargs
-    copies = 2 if pair else 1
     if not accepts_logits_to_keep(model):
-        return model(**paired(inputs, pair)).logits[keep.repeat(copies, 1)]  # project every position, select
+        return model(**paired(inputs, copies)).logits[keep.repeat(copies, 1)]  # project all, then select
     can_pack = pack and not model_kwargs and takes_packed_batches(model)
     packed = pack_batch(batch["input_ids"], batch["attention_mask"], keep) if can_pack else None
     if packed is not None:
         packed_inputs, order = packed
-        logits = model(**paired(packed_inputs, pair)).logits
-        return torch.cat([half[order] for half in logits.chunk(copies)])
-    return model(**paired(inputs | {"logits_to_keep": keep}, pair)).logits
+        logits = model(**paired(packed_inputs, copies)).logits
+        return torch.cat([copy[order] for copy in logits.chunk(copies)])
+    return model(**paired(inputs | {"logits_to_keep": keep}, copies)).logits
 
 
-def paired(inputs, pair=True):
-    """Model inputs for the batch twice (a batched ± pair): each tensor repeated along its first dimension."""
-    if not pair:
+def paired(inputs, copies=2):
+    """Model inputs for the batch `copies` times (a batched ± pair, 2 per direction): each tensor repeated
+    along its first dimension."""
+    if copies == 1:
         return inputs
-    return {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    return {k: torch.cat([v] * copies) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
 def base_model(model):
@@ -335,15 +335,15 @@ def target_log_softmax(logits, rows, positions):
     return selected.to(torch.promote_types(selected.dtype, torch.float32)).log_softmax(-1)
 
 
-def model_option_loss(model, batch, pad_token_id, reduction="mean", pack=False, pair=False):
+def model_option_loss(model, batch, pad_token_id, reduction="mean", pack=False, copies=1):
     """`option_loss` of the model on a collated batch, projecting onto the vocabulary only at the targets;
-    `pack`: see `pack_batch`. `pair`: the batch runs twice in one forward (a zeroth-order optimizer's
-    batched pair computes its first half at θ+εZ, its second at θ−εZ), and the two losses are returned."""
+    `pack`: see `pack_batch`. `copies` n > 1: the batch runs n times in one forward (a zeroth-order
+    optimizer's batched pair computes the copies at θ+εZ₁, θ−εZ₁, θ+εZ₂, …), and the n losses are returned."""
     mask = target_mask(batch["input_ids"], batch["attention_mask"], batch.get("option_len"), pad_token_id)
-    logits = target_logits(model, batch, mask, pack=pack, pair=pair)
-    halves = logits.chunk(2) if pair else [logits]
-    losses = [option_loss(half, batch, pad_token_id, reduction=reduction, mask=mask) for half in halves]
-    return losses if pair else losses[0]
+    logits = target_logits(model, batch, mask, pack=pack, copies=copies)
+    parts = logits.chunk(copies)
+    losses = [option_loss(part, batch, pad_token_id, reduction=reduction, mask=mask) for part in parts]
+    return losses if copies > 1 else losses[0]
 
 
 def option_loss(logits, batch, pad_token_id, reduction="mean", mask=None):

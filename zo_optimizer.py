@@ -93,9 +93,9 @@ class ZOOptimizer(torch.optim.Optimizer):
     Protocol for one optimisation step (what `LowRankTrainer.training_step` does):
         begin_step(); move_to(+1); L+ = loss; move_to(-1); L- = loss; set_projected_grad((L+ - L-) / 2ε)
         step()  # the update; the model is back at θ (position 0)
-    With `batched_pair`, move_to(PAIR) and one forward of the batch twice give L+ and L- (its halves). With
-    `queries` q, begin_query(k) before direction k's losses (k = 1 … q − 1), and set_projected_grad takes
-    the list of the q values of g.
+    With `queries` q, set_projected_grad takes the list of the q values of g, and the losses of direction k
+    (k = 1 … q − 1) follow begin_query(k). With `batched_pair`, move_to(PAIR) and one forward of the batch
+    2q times give L+ and L− of every direction: its parts, in the order of evaluations(PAIR).
     LOZO matrices reach the model through `attach(model)`; `settle()` writes everything into the parameters
     (before checkpoints), `release()` also detaches (the end of training).
     """
@@ -137,7 +137,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.queries = queries  # directions a step (--zo_queries): the update averages their g·Z
         self.query = 0  # the direction being evaluated
         # --zo_batched_pair: θ+εZ and θ−εZ evaluated as one forward of the batch twice (position PAIR)
-        self.pair = PairBatch() if batched_pair else None
+        self.pair = PairBatch(queries) if batched_pair else None
         self.replayable = replayable  # hash the starting weights (a full pass over them), so `record` works
         self.tensors = [(i, p) for i, p in enumerate(p for g in self.param_groups for p in g["params"])]
         self.index = {id(p): i for i, p in self.tensors}
@@ -239,7 +239,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         first = next(
             (x for x in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args) if x is not None), None
         )
-        if first is None or first.dim() < 2 or first.shape[0] % 2:
+        if first is None or first.dim() < 2 or first.shape[0] % self.pair.parts:
             raise UsageError("--zo_batched_pair: the model's input is not a paired batch; drop the option")
         keep = kwargs.get("logits_to_keep")
         kept = int(keep.sum()) if isinstance(keep, torch.Tensor) and keep.dtype == torch.bool else None
@@ -287,8 +287,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._draw_U()
 
     def _draw_U(self):
+        """U of this direction, and with the batched pair (one forward evaluates them all) of every one."""
+        directions = range(self.queries) if self.pair is not None else [self.query]
         for key, matrix in self.matrices.items():
-            matrix.U = self._U(key, self.query)
+            matrix.Us = [self._U(key, k) for k in directions]
+            matrix.U = matrix.Us[self.query if self.pair is not None else 0]
 
     def _U(self, key, query):
         matrix = self.matrices[key]
@@ -324,39 +327,48 @@ class ZOOptimizer(torch.optim.Optimizer):
                     p.data.view(-1)[start : start + len(z)].add_(z, alpha=delta * self.eps)
         self.position = position
 
-    @staticmethod
-    def signs(position):
-        """The positions a forward computes at: (position,), or (+1, −1) for the batched pair."""
-        return (1, -1) if position is PAIR else (position,)
+    def evaluations(self, position):
+        """(direction, sign) of each part of a forward at `position`: (this direction, position), or for the
+        batched pair θ+εZ_k and θ−εZ_k of each direction k of the step, in turn."""
+        if position is PAIR:
+            return [(k, sign) for k in range(self.queries) for sign in (1, -1)]
+        return [(self.query, position)]
 
-    def perturbed(self, i, weights, position, outs=None):
-        """[round(W + s·εz) for each position s of `position`] of tensor i (W: its master where it has one),
-        in `outs` (default: new tensors like `weights`), from one draw of z: what a module computes with
-        during its forward under `DensePath` (one module's weights at a time)."""
-        signs = self.signs(position)
-        outs = outs or [torch.empty_like(weights) for _ in signs]
+    def _noise(self, i, numel, device, directions, step=None):
+        """(start, [z of each direction]) chunk by chunk: tensor i's dense z of `directions`, in step."""
+        streams = [dense_noise(numel, self._seed(i, step, k), device) for k in directions]
+        for chunks in zip(*streams, strict=True):
+            yield chunks[0][0], [z for _, z in chunks]
+
+    def perturbed(self, i, weights, evaluations, outs=None):
+        """[round(W + s·εz_k) for each (k, s) of `evaluations`] of tensor i (W: its master where it has
+        one), in `outs` (default: new tensors like `weights`), from one draw of each z_k: what a module
+        computes with during its forward under `DensePath` (one module's weights at a time)."""
+        outs = outs or [torch.empty_like(weights) for _ in evaluations]
         flat = self.masters.get(i, weights).view(-1)
-        for start, z in dense_noise(weights.numel(), self._seed(i), weights.device):
-            end = start + len(z)
-            for sign, out in zip(signs, outs, strict=True):
+        directions = list(dict.fromkeys(k for k, _ in evaluations))
+        for start, zs in self._noise(i, weights.numel(), weights.device, directions):
+            end = start + len(zs[0])
+            for (k, sign), out in zip(evaluations, outs, strict=True):
+                z = zs[directions.index(k)]
                 torch.add(flat[start:end], z, alpha=sign * self.eps, out=out.view(-1)[start:end])
         return outs
 
-    def perturbed_rows(self, i, weights, position):
-        """(rows, [round(W[rows] + s·εz[rows]) for each position s]) for blocks of whole rows of a 2-D
-        tensor i, from the same z as `perturbed`, in buffers of about CHUNK numbers refilled for each block:
-        use a block before asking for the next one."""
-        signs = self.signs(position)
+    def perturbed_rows(self, i, weights, evaluations):
+        """(rows, [round(W[rows] + s·εz_k[rows]) for each (k, s)]) for blocks of whole rows of a 2-D tensor i,
+        from the same z as `perturbed`, in buffers of about CHUNK numbers refilled for each block: use a
+        block before asking for the next one."""
         n, numel, flat = weights.shape[-1], weights.numel(), self.masters.get(i, weights).reshape(-1)
-        blocks = [
-            torch.empty(max(1, CHUNK // n) * n, dtype=weights.dtype, device=weights.device) for _ in signs
-        ]
-        size, filled, first = len(blocks[0]), 0, 0
-        for start, z in dense_noise(numel, self._seed(i), weights.device):
+        size = max(1, CHUNK // n) * n
+        blocks = [torch.empty(size, dtype=weights.dtype, device=weights.device) for _ in evaluations]
+        directions = list(dict.fromkeys(k for k, _ in evaluations))
+        filled, first = 0, 0
+        for start, zs in self._noise(i, numel, weights.device, directions):
             used = 0
-            while used < len(z):
-                take, at = min(len(z) - used, size - filled), start + used
-                for sign, block in zip(signs, blocks, strict=True):
+            while used < len(zs[0]):
+                take, at = min(len(zs[0]) - used, size - filled), start + used
+                for (k, sign), block in zip(evaluations, blocks, strict=True):
+                    z = zs[directions.index(k)]
                     torch.add(flat[at : at + take], z[used : used + take], alpha=sign * self.eps,
                               out=block[filled : filled + take])  # fmt: skip
                 filled, used = filled + take, used + take
@@ -369,7 +381,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if position == 0:
             p.data.copy_(self.masters[i])
         else:
-            self.perturbed(i, p.data, position, outs=[p.data])  # (perturbed reads the master)
+            self.perturbed(i, p.data, [(self.query, position)], outs=[p.data])  # (reads the master)
 
     def set_projected_grad(self, projected_grad):
         self.projected_grad = projected_grad
@@ -406,22 +418,23 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _projected_U(self, key, gs):
         """g·U, or with several directions the average of their g_k·U_k (all under the period's V)."""
+        Us = self.matrices[key].Us
         if len(gs) == 1:
-            return gs[0] * self.matrices[key].U
-        return sum((g / len(gs)) * self._U(key, k) for k, g in enumerate(gs))
+            return gs[0] * Us[0]
+        Us = Us if len(Us) == len(gs) else [self._U(key, k) for k in range(len(gs))]
+        return sum((g / len(gs)) * U for g, U in zip(gs, Us, strict=True))
 
     def _dense_direction(self, i, p, gs):
         """(start, d, g) chunk by chunk: the step's direction over the chunk is g·d, z and g for one
         direction, the average of g_k·z_k (and g = 1) for several."""
-        streams = [dense_noise(p.numel(), self._seed(i, self.zo_step, k), p.device) for k in range(len(gs))]
+        chunks = self._noise(i, p.numel(), p.device, range(len(gs)), step=self.zo_step)
         if len(gs) == 1:
-            yield from ((start, z, gs[0]) for start, z in streams[0])
+            yield from ((start, zs[0], gs[0]) for start, zs in chunks)
             return
         average = torch.empty(min(CHUNK, p.numel()), dtype=torch.float32, device=p.device)
-        for chunks in zip(*streams, strict=True):
-            start, d = chunks[0][0], average[: len(chunks[0][1])]
-            torch.mul(chunks[0][1], gs[0] / len(gs), out=d)
-            for (_, z), g in zip(chunks[1:], gs[1:], strict=True):
+        for start, zs in chunks:
+            d = torch.mul(zs[0], gs[0] / len(gs), out=average[: len(zs[0])])
+            for z, g in zip(zs[1:], gs[1:], strict=True):
                 d.add_(z, alpha=g / len(gs))
             yield start, d, 1.0
 
@@ -505,7 +518,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             return weights[0] if p.dim() == 2 else torch.stack(weights)
         exact = torch.promote_types(p.dtype, torch.float32)
         if i in self.transient and self.position:
-            return self.perturbed(i, p.detach(), self.position)[0].to(exact)
+            return self.perturbed(i, p.detach(), self.evaluations(self.position))[0].to(exact)
         weight = self.masters[i] if i in self.masters else p.detach()
         weight = weight.to(exact, copy=True)
         if i in self.masters and self.position:

@@ -41,7 +41,7 @@ def hooked_at_plus_eps(model, merge_periods=8):
         model.parameters(), lr=1e-6, eps=1e-3, low_rank=True, step_interval=1, merge_periods=merge_periods
     )
     optimizer.attach(model)
-    for _ in range(merge_periods):
+    for _ in range(merge_periods - 1):  # then the last begin_step adds the (merge_periods − 1)-th period
         optimizer.begin_step()
         optimizer.move_to(+1)
         optimizer.move_to(-1)
@@ -49,6 +49,7 @@ def hooked_at_plus_eps(model, merge_periods=8):
         optimizer.step()
     optimizer.begin_step()
     optimizer.move_to(+1)
+    assert max(matrix.periods for matrix in optimizer.matrices.values()) == merge_periods - 1
     return optimizer
 
 

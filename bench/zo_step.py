@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from utils import paired, portable  # noqa: E402
+from zo_optimizer import PAIR  # noqa: E402
 
 SHAPES = {  # OPTConfig values of the released checkpoints; weights are random
     "opt-125m": dict(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12),
@@ -273,11 +274,13 @@ def run_worker(opts):
 
             def weight_passes(g=0.0):  # the step without its forward passes: what the method itself costs
                 optimizer.begin_step()
-                for query in range(optimizer.queries):
+                for query in range(optimizer.queries if optimizer.pair is None else 0):
                     if query:
                         optimizer.begin_query(query)
                     optimizer.move_to(+1)
                     optimizer.move_to(-1)
+                if optimizer.pair is not None:  # (its perturbed copies are built in the forward)
+                    optimizer.move_to(PAIR)
                 optimizer.set_projected_grad(g if optimizer.queries == 1 else [g] * optimizer.queries)
                 optimizer.step()
 
@@ -320,9 +323,10 @@ def run_worker(opts):
 
 
 def alternated_with_two_passes(trainer, run_step, reference_forward, batch, opts, synchronized):
-    """A batched-pair method's step, the same step in two passes and a forward of the batch twice, timed in
-    turn in one process (what the pair saves is a few percent: a shared machine's drift would hide it)."""
-    twice = paired(batch)
+    """A batched-pair method's step, the same step in two passes per direction and one inference forward of
+    what the pair's forward computes (the batch twice per direction), timed in turn in one process (what
+    the pair saves is a few percent: a shared machine's drift would hide it)."""
+    twice = paired(batch, 2 * trainer.zo_optimizer.queries)
 
     def two_passes():
         trainer.args.zo_batched_pair = False
@@ -504,7 +508,7 @@ def main():
         if "pair_over_two_passes" in m:
             print(
                 f"{name}, alternated in one process: {m['pair_over_two_passes']:.2f} × its two-pass step, "
-                f"{m['pair_over_forward_2B']:.2f} × one forward of the batch twice"
+                f"{m['pair_over_forward_2B']:.2f} × one inference forward of its rows (2B a direction)"
             )
     print(f"\n{out}\n{out.with_suffix('.png')}")
 
