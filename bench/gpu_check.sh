@@ -21,9 +21,10 @@ export LOZO_DATA_DIR=${LOZO_DATA_DIR:-$(cd .. && pwd)/shared/data}
     for shape in opt-125m opt-1.3b; do
         python bench/zo_step.py --model "shape:$shape" --device cuda --dtype float16 --batch 16 --seq 256 \
             --methods forward,LOZO,LOZO-M,MeZO,MeZO-in-place,FT-AdamW --out "$OUT/$shape-cuda-float16.json"
-        # the batched pair (one forward of 2B rows) against two passes, and 4 directions a step
+        # the batched pair (one forward of 2B rows) against two passes, and 4 directions a step (with the
+        # pair: one forward of 8B rows)
         python bench/zo_step.py --model "shape:$shape" --device cuda --dtype float16 --batch 16 --seq 256 \
-            --methods forward,forward-2B,LOZO,LOZO-pair,MeZO,MeZO-pair,LOZO-q4,LOZO-pair-q4 \
+            --methods forward,forward-2B,LOZO,LOZO-pair,MeZO,MeZO-pair,LOZO-q4,LOZO-pair-q4,MeZO-pair-q4 \
             --out "$OUT/$shape-cuda-float16-pair.json"
     done
 } 2>&1 | tee "$OUT/log.txt"
