@@ -151,10 +151,10 @@ class OurArguments(TrainingArguments):
     )
     zo_batched_pair: bool = option(
         False,
-        "zeroth-order: evaluate θ+εZ and θ−εZ of every direction (--zo_queries q) in one forward pass of the "
-        "batch 2q times instead of 2q passes (the same g; faster where one forward of 2qB rows costs less than "
-        "2q of B; 2q times the activations: where that does not fit, halve --per_device_train_batch_size and "
-        "double --gradient_accumulation_steps, which takes the same step)",
+        "zeroth-order: evaluate θ+εZ and θ−εZ of every direction (--zo_queries q) in one forward pass of "
+        "the batch 2q times instead of 2q passes (the same g; faster where one forward of 2qB rows costs "
+        "less than 2q of B; 2q times the activations: where that does not fit, halve "
+        "--per_device_train_batch_size and double --gradient_accumulation_steps, which takes the same step)",
     )
     zo_queries: int = option(
         1, "zeroth-order: directions a step, each with its own ±ε pair; the update averages their g·Z"
