@@ -187,7 +187,7 @@ class LowRankTrainer(Trainer):
     @torch.no_grad()
     def zo_training_step(self, model, inputs):
         """The losses at θ ± εZ for each of the step's directions (two forward passes each, or one forward of
-        the batch twice per direction). Micro-batches of one optimisation step share the directions; their
+        the batch 2q times for all q). Micro-batches of one optimisation step share the directions; their
         losses are summed and g is formed at the last one, which leaves the model perturbed for
         `optimizer.step()` to end."""
         model.eval()  # dropout off: both losses must see the same function

@@ -65,7 +65,6 @@ class DensePath:
         # module and forward would fault in new pages each time (a third of a float32 MeZO step on a CPU).
         self.pool = {}
         self.kept_rows = {}  # embedding -> (step and query, ids, its rows at −1), from the +1 forward
-        self.part = None  # in the forward of a paired module: which part (of evaluations(PAIR)) is running
         self.watched, self.watching, self.hooks, self.running = False, False, [], RunningModules()
         self.forwards = {}  # module -> the forward it had before this path replaced it (None: its class's)
         self.busy = False  # swapping (its own reads of the weights are not the model's)
@@ -103,6 +102,11 @@ class DensePath:
                 module.forward = forward
         self.forwards = {}
 
+    @property
+    def part(self):
+        """In the forward of a paired module: which part (of evaluations(PAIR)) is running, else None."""
+        return None if self.optimizer.pair is None else self.optimizer.pair.running
+
     def evaluating(self):
         """The (direction, sign) of each part the running forward computes: the optimizer's position's, or
         inside one part of a paired module's forward, that part's."""
@@ -119,19 +123,18 @@ class DensePath:
 
     # ---- copies ----
 
-    def _copies(self, param_id):
-        """[round(W + s·εz_k) for each part (k, s) of the optimizer's position] of a tensor: drawn now into
-        pooled buffers, or for a tied tensor once a forward."""
-        position = self.optimizer.position
+    def _copies(self, param_id, evaluations):
+        """[round(W + s·εz_k) for each (k, s) of `evaluations`] of a tensor: drawn now into pooled buffers,
+        or for a tied tensor once a forward."""
+        key = (self.optimizer.position, tuple(evaluations))
         built = self.built.get(param_id)
-        if built is not None and built[0] == position:
+        if built is not None and built[0] == key:
             return built[1]
         own, tied = self.params[param_id].data, param_id in self.tied
-        evaluations = self.optimizer.evaluations(position)
         outs = None if tied else [self._take(own) for _ in evaluations]
         copies = self.optimizer.perturbed(self.tensors[param_id], own, evaluations, outs)
         if tied:
-            self.built[param_id] = (position, copies)
+            self.built[param_id] = (key, copies)
         return copies
 
     def _take(self, like):
@@ -175,7 +178,7 @@ class DensePath:
                 if param_id in self.swapped:
                     self._put(param_id, None)
                 else:
-                    copies = self._copies(param_id)
+                    copies = self._copies(param_id, self.evaluating())
                     self._put(param_id, copies[0], copies)
         self.busy = False
 
@@ -194,16 +197,18 @@ class DensePath:
             if self.optimizer.position is not PAIR:
                 return original(*args, **kwargs)
             own = [param_id for param_id in self.owned[module] if param_id not in self.swapped]
-            self.busy = True
-            copies = {param_id: self._copies(param_id) for param_id in own}
+            self.busy = True  # (inside a paired ancestor's part: that part's copies only)
+            copies = {param_id: self._copies(param_id, self.evaluating()) for param_id in own}
             self.busy = False
             try:
-                if self.part is not None:  # inside a paired ancestor's part: that part's weights
-                    return self._run_part(module, original, copies, self.part, args, kwargs)
+                if self.part is not None:
+                    chosen = {param_id: part_copies[0] for param_id, part_copies in copies.items()}
+                    return self._run_part(module, original, chosen, self.part, args, kwargs)
                 parts = split_pair(args, kwargs, self.optimizer.pair, type(module).__name__)
                 outputs = []
                 for part, (part_args, part_kwargs) in enumerate(parts):
-                    outputs.append(self._run_part(module, original, copies, part, part_args, part_kwargs))
+                    chosen = {param_id: part_copies[part] for param_id, part_copies in copies.items()}
+                    outputs.append(self._run_part(module, original, chosen, part, part_args, part_kwargs))
                 return join_pair(outputs, self.optimizer.pair, type(module).__name__)
             finally:
                 for param_id, pair in copies.items():
@@ -212,10 +217,12 @@ class DensePath:
         return forward
 
     def _run_part(self, module, original, copies, part, args, kwargs):
-        outer, self.part = self.part, part
+        """The module's forward for one part of the batch, its tensors swapped for `copies` (that part's)."""
+        pair = self.optimizer.pair
+        outer, pair.running = pair.running, part
         self.busy = True
         for param_id in self.owned[module]:
-            self._put(param_id, copies[param_id][part] if param_id in copies else None)
+            self._put(param_id, copies.get(param_id))
         self.busy = False
         try:
             return original(*args, **kwargs)
@@ -224,7 +231,7 @@ class DensePath:
             for param_id in self.owned[module]:
                 self._take_back(param_id)
             self.busy = False
-            self.part = outer
+            pair.running = outer
 
     # ---- large Linear and Embedding layers: block of rows by block ----
 

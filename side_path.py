@@ -52,10 +52,11 @@ class PairBatch:
     `logits_to_keep`), each in batch order; set from the model's input by the optimizer's root hook. The
     batch has `parts` equal parts (2 per direction); `part` checks that a read's input has one of those
     sizes, so that its parts are the evaluations: tokens routed to experts, or a sequence-first layout, are
-    refused rather than split wrongly."""
+    refused rather than split wrongly. `running` is the part whose forward a module that owns dense tensors
+    runs alone (`DensePath`): reads inside it compute that part only."""
 
     def __init__(self, directions=1):
-        self.sizes, self.parts = (), 2 * directions
+        self.sizes, self.parts, self.running = (), 2 * directions, None
 
     def batched(self, x):
         return x.dim() > 0 and x.shape[0] in self.sizes
@@ -167,11 +168,11 @@ class LowRankMatrix:
     period's update so far and A_old, V_old the finished periods not merged yet (`periods` of them); `scale`
     is the weight decay since the last merge, kept as one number so that decay never rounds a factor.
 
-    The factors live transposed in two buffers of W's dtype, `left` and `right` ((2 + capacity)·r rows of m
-    and n numbers): rows 0…r−1 hold this period, the next rows A_old and V_old, and the forward multiplies by
-    their first r + `used` rows. At the batched pair's position (`PAIR`), r more rows follow for each of the
-    step's q directions, (ε/scale)·U_kᵀ and V again: each part of the batch keeps only its direction's
-    products, negated for the parts at θ−εZ_k. C accumulates
+    The factors live transposed in two buffers of W's dtype, `left` and `right` ((1 + capacity + q)·r rows
+    of m and n numbers): rows 0…r−1 hold this period, the next rows A_old and V_old, and the forward
+    multiplies by their first r + `used` rows. At the batched pair's position (`PAIR`), r more rows follow
+    for each of the step's q directions, (ε/scale)·U_kᵀ and V again: each part of the batch keeps only its
+    direction's products, negated for the parts at θ−εZ_k. C accumulates
     in float32 and is rounded once per move; the merge writes exactly what the forward computed with. In
     float16 (on a GPU) the rows of `right` are V's columns scaled to unit length (and `left`'s rows scaled up
     to match), so that x·V cannot overflow float16's range for any input whose norm fits in it: the side
@@ -285,8 +286,9 @@ class LowRankMatrix:
         output of the same read of the effective weight W + A·Bᵀ."""
         if not self.active:
             return output
-        if self.position is PAIR and x.shape[0] == 1 != self.pair.sizes[0]:
-            # A read shared by the batch (positions (1, T), broadcast later): each half gets its own rows.
+        alone = self.position is PAIR and self.pair.running is not None  # inside one part's forward
+        if self.position is PAIR and not alone and x.shape[0] == 1 != self.pair.sizes[0]:
+            # A read shared by the batch (positions (1, T), broadcast later): each part gets its own rows.
             rows = self.pair.sizes[0]
             x, output = x.expand(rows, *x.shape[1:]), output.expand(rows, *output.shape[1:]).contiguous()
         At, Bt = self.At, self.Bt
@@ -303,7 +305,8 @@ class LowRankMatrix:
         else:  # Wᵀ[ids] + B[ids]·Aᵀ
             h, second = F.embedding(x, Bt.T), At
         if self.position is PAIR:
-            self.keep_own(h, self.pair.part(x, f"a ({self.C.shape[0]}, {self.right.shape[1]}) matrix"))
+            what = f"a ({self.C.shape[0]}, {self.right.shape[1]}) matrix"
+            self.keep_own(h, None if alone else self.pair.part(x, what))
         add_product_(output, h, second)
         if self.scale != 1.0:  # scale·(read of W + side) + bias
             output.mul_(self.scale)
@@ -312,8 +315,9 @@ class LowRankMatrix:
         return output
 
     def keep_own(self, h, part):
-        """Each part of a paired batch keeps the products of its own direction's ±εU_k (the last q·r columns
-        of h): +1 for its θ+εZ_k part, −1 for its θ−εZ_k part, 0 for the other directions'."""
+        """Each part of a paired batch (of leading size `part`) keeps the products of its own direction's
+        ±εU_k (the last q·r columns of h): +1 for its θ+εZ_k part, −1 for its θ−εZ_k part, 0 for the other
+        directions'. `part` None: h is the running part's alone."""
         key = (h.dtype, h.dim())
         if key not in self.signs:
             q, r = len(self.Us), self.rank
@@ -321,14 +325,18 @@ class LowRankMatrix:
             for k in range(q):
                 signs[2 * k, k * r : (k + 1) * r], signs[2 * k + 1, k * r : (k + 1) * r] = 1, -1
             self.signs[key] = signs.view(2 * q, *[1] * (h.dim() - 1), q * r)
-        h.view(2 * len(self.Us), part, *h.shape[1:])[..., -len(self.Us) * self.rank :].mul_(self.signs[key])
+        width = len(self.Us) * self.rank
+        if part is None:
+            h[..., -width:].mul_(self.signs[key][self.pair.running])
+        else:
+            h.view(2 * len(self.Us), part, *h.shape[1:])[..., -width:].mul_(self.signs[key])
 
     def effective(self):
         """The effective weight, as the forward computes with it, in float32 (for tests and benchmarks: it is
         parameter-sized)."""
         exact = self.exact_dtype
         if self.position is PAIR:
-            raise RuntimeError("a batched pair computes with two weights: move to +1 or -1 for one of them")
+            raise RuntimeError("a batched pair computes with 2q weights: move to +1 or -1 for one of them")
         return torch.addmm(self.weight.to(exact), self.At.T.to(exact), self.Bt.to(exact)).mul_(self.scale)
 
     def state(self):

@@ -245,7 +245,7 @@ def target_logits(model, batch, mask, pack=False, copies=1, **model_kwargs):
     return model(**paired(inputs | {"logits_to_keep": keep}, copies)).logits
 
 
-def paired(inputs, copies=2):
+def paired(inputs, copies):
     """Model inputs for the batch `copies` times (a batched ± pair, 2 per direction): each tensor repeated
     along its first dimension."""
     if copies == 1:

@@ -136,7 +136,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.merge_periods = merge_periods
         self.queries = queries  # directions a step (--zo_queries): the update averages their g·Z
         self.query = 0  # the direction being evaluated
-        # --zo_batched_pair: θ+εZ and θ−εZ evaluated as one forward of the batch twice (position PAIR)
+        # --zo_batched_pair: θ±εZ_k of every direction k evaluated as one forward of the batch 2q times (PAIR)
         self.pair = PairBatch(queries) if batched_pair else None
         self.replayable = replayable  # hash the starting weights (a full pass over them), so `record` works
         self.tensors = [(i, p) for i, p in enumerate(p for g in self.param_groups for p in g["params"])]
@@ -215,8 +215,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self.pair is not None:
             if any(isinstance(key, tuple) for key in self.matrices):
                 raise UsageError(
-                    "--zo_batched_pair cannot split a mixture of experts' routed tokens into the pair's two "
-                    "halves; drop --zo_batched_pair"
+                    "--zo_batched_pair cannot split a mixture of experts' routed tokens into the pair's "
+                    "parts; drop --zo_batched_pair"
                 )
             self.pair_hook = model.register_forward_pre_hook(self._note_pair_batch, with_kwargs=True)
         # A pair perturbs every dense tensor module by module, from its master where it has one.
@@ -513,6 +513,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     def effective_weight(self, p):
         """θ + position·εZ of tensor p in float32, as the model computes with it (tests and benchmarks)."""
         i = self.index[id(p)]
+        if self.position is PAIR:
+            raise RuntimeError("a batched pair computes with 2q weights: move to +1 or -1 for one of them")
         if i in self.keys:
             weights = [self.matrices[key].effective() for key in self.keys[i]]
             return weights[0] if p.dim() == 2 else torch.stack(weights)

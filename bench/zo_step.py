@@ -5,8 +5,9 @@
 
 Methods (--methods, comma-separated): forward, LOZO, LOZO-M, MeZO, MeZO-master, MeZO-in-place, LOZO-released,
 MeZO-released, FT-AdamW, LOZO-r1, LOZO-r2, LOZO-r4, LOZO-r8; with --zo_batched_pair: LOZO-pair, LOZO-M-pair,
-MeZO-pair; with --zo_queries 4: LOZO-q4, LOZO-pair-q4, MeZO-q4, MeZO-pair-q4; and forward-2B, one inference
-forward of the batch twice (what the pair's forward computes).
+MeZO-pair; with --zo_queries 4: LOZO-q4, LOZO-pair-q4, MeZO-q4, MeZO-pair-q4 (with the pair, one forward of
+the batch 8 times); and forward-2B, one inference forward of the batch twice (what a one-direction pair's
+forward computes).
 
 Each method runs in a fresh process (so its peak memory is its own): after warm-up, the median of
 --steps timed steps. "forward" is one forward pass computing the training loss on the batch in inference
@@ -69,6 +70,7 @@ METHODS += [f"LOZO-r{r}" for r in (1, 2, 4, 8)]
 # --zo_batched_pair (the pair as one forward of 2B rows) and --zo_queries 4, and the unit they are held to:
 # one inference forward of the batch twice.
 METHODS += ["forward-2B", "LOZO-pair", "LOZO-M-pair", "MeZO-pair", "LOZO-q4", "LOZO-pair-q4", "MeZO-q4"]
+METHODS += ["MeZO-pair-q4"]
 METHODS += ["MeZO-pair-q4"]
 LR, EPS, SEED = 1e-6, 1e-3, 0
 
@@ -241,8 +243,8 @@ def run_worker(opts):
     method, step, weight_passes, optimizer = opts.worker, 0, None, None
     if method == "forward":
         run_step = reference_forward
-    elif method == "forward-2B":  # one forward of the batch twice: what a batched pair's forward computes
-        twice = paired(batch)
+    elif method == "forward-2B":  # one forward of the batch twice: a one-direction batched pair's forward
+        twice = paired(batch, 2)
 
         def run_step():
             reference_forward(twice)

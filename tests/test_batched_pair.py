@@ -35,7 +35,7 @@ def pair_and_two_passes(model, inputs, **settings):
     from the batched pair, and from two forwards."""
     optimizer = ZOOptimizer(model.parameters(), lr=1e-2, eps=1e-2, seed=5, batched_pair=True, **settings)
     optimizer.attach(model)
-    twice = paired(inputs)
+    twice = paired(inputs, 2)
     optimizer.begin_step()
     optimizer.move_to(PAIR)
     model(**twice)
@@ -115,6 +115,43 @@ def test_the_pair_evaluates_every_direction_in_one_forward(method, dtype, tiny_l
     assert min(relative(a, b) for i, a in enumerate(parts) for b in parts[i + 1 :]) > 1e-3  # six functions
     tolerance = 1e-12 if dtype == torch.float64 else 1e-5
     assert max(relative(a, b) for a, b in zip(parts, two_passes, strict=True)) < tolerance
+
+
+class Scaled(torch.nn.Module):
+    """A module owning a trained vector around a child owning its own: a paired owner inside another."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.scale, self.inner = torch.nn.Parameter(torch.rand(width) + 0.5), torch.nn.Linear(width, width)
+
+    def forward(self, x):
+        return self.inner(x) * self.scale
+
+
+@pytest.mark.parametrize("method", ["LOZO", "MeZO"])
+def test_a_paired_owner_inside_another_computes_each_part(method):
+    """The child's forward runs inside each part of its parent's: it computes with that part's copies
+    (float64: the three directions' six parts as two forwards per direction compute them, to 1e-12)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Scaled(6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    twin, x = copy.deepcopy(model), torch.randn(2, 5, 6, dtype=torch.float64)
+    common = dict(lr=1e-2, eps=1e-2, seed=3, queries=3, **METHODS[method])
+    stacked = ZOOptimizer(model.parameters(), batched_pair=True, **common)
+    passes = ZOOptimizer(twin.parameters(), **common)
+    stacked.attach(model), passes.attach(twin)
+    with torch.no_grad():
+        stacked.begin_step(), passes.begin_step()
+        stacked.move_to(PAIR)
+        parts = model(torch.cat([x] * 6)).chunk(6)
+        two_passes = []
+        for query in range(3):
+            if query:
+                passes.begin_query(query)
+            for position in (+1, -1):
+                passes.move_to(position)
+                two_passes.append(twin(x))
+    assert min(relative(a, b) for i, a in enumerate(parts) for b in parts[i + 1 :]) > 1e-3
+    assert max(relative(a, b) for a, b in zip(parts, two_passes, strict=True)) < 1e-12
 
 
 @pytest.mark.parametrize("model_type", list(ZOO))
