@@ -316,6 +316,13 @@ def test_several_directions_average_their_updates():
     assert torch.allclose(C, expected, rtol=1e-6, atol=1e-9)
     expected_vector = start - lr * sum(g * z for g, z in zip(grads, zs, strict=True)) / 3
     assert torch.allclose(vector, expected_vector, rtol=1e-6, atol=1e-9)
+    paired_optimizer = ZOOptimizer(
+        [matrix, vector], lr=lr, seed=7, low_rank=True, queries=3, batched_pair=True
+    )
+    paired_optimizer.begin_step()  # draws every direction's U; begin_query (two forwards) picks one of them
+    for k in (1, 2):
+        paired_optimizer.begin_query(k)
+        assert torch.equal(paired_optimizer.matrices[0].U, Us[k])
     with pytest.raises(RuntimeError, match="needs 3 projected gradients"):
         optimizer.begin_step()
         optimizer.set_projected_grad(1.0)
