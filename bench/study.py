@@ -172,7 +172,7 @@ def runs():
             for seed in SEEDS if lr is not None else ():
                 name = f"{method}-q{QUERIES}-{task}-seed{seed}"
                 planned.append((name, zo_run(task, method, seed, lr, queries=QUERIES)))
-            if lr is not None:  # its wall time with each pair as one forward of the batch twice
+            if lr is not None:  # its wall time with a step's 2q evaluations as one forward
                 argv = [*zo_run(task, method, 0, lr, queries=QUERIES), "--zo_batched_pair"]
                 planned.append((f"{method}-q{QUERIES}-pair-{task}-seed0", argv))
         lr = chosen_lr(task, "MeZO") if task in PRECISION_TASKS else None
@@ -479,13 +479,16 @@ def queries_table():
             lines.append(f"| {task} | {method} | " + " | ".join(cells) + " |")
             pair_rows.append(pair_row(task, method))
     pair_rows = [row for row in pair_rows if row]
+    evaluations = 2 * QUERIES
     if pair_rows:
         lines += [
             "",
-            f"Wall time of seed 0's {QUERIES}-direction run with each ± pair as one forward of the batch "
-            "twice (`--zo_batched_pair`) and as two forwards, on the same kind of machine:",
+            f"Wall time of seed 0's {QUERIES}-direction run with a step's {evaluations} evaluations as one "
+            f"forward of the batch {evaluations} times (`--zo_batched_pair`) and as {evaluations} forwards, "
+            "on the same kind of machine:",
             "",
-            "| task | method | two forwards | one forward of 2B rows | accuracy (two / one) |",
+            f"| task | method | {evaluations} forwards | one forward of {evaluations}B rows "
+            "| accuracy (separate / one) |",
             "|---|---|---|---|---|",
             *pair_rows,
         ]
