@@ -339,10 +339,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         return [(self.query, position)]
 
     def _noise(self, i, numel, device, directions, step=None):
-        """(start, [z of each direction]) chunk by chunk: tensor i's dense z of `directions`, in step."""
+        """(start, {direction: z}) chunk by chunk: tensor i's dense z of each of `directions`, in step."""
+        directions = sorted(set(directions))
         streams = [dense_noise(numel, self._seed(i, step, k), device) for k in directions]
         for chunks in zip(*streams, strict=True):
-            yield chunks[0][0], [z for _, z in chunks]
+            yield chunks[0][0], {k: z for k, (_, z) in zip(directions, chunks, strict=True)}
 
     def perturbed(self, i, weights, evaluations, outs=None):
         """[round(W + s·εz_k) for each (k, s) of `evaluations`] of tensor i (W: its master where it has
@@ -350,12 +351,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         computes with during its forward under `DensePath` (one module's weights at a time)."""
         outs = outs or [torch.empty_like(weights) for _ in evaluations]
         flat = self.masters.get(i, weights).view(-1)
-        directions = list(dict.fromkeys(k for k, _ in evaluations))
-        for start, zs in self._noise(i, weights.numel(), weights.device, directions):
-            end = start + len(zs[0])
+        for start, zs in self._noise(i, weights.numel(), weights.device, [k for k, _ in evaluations]):
             for (k, sign), out in zip(evaluations, outs, strict=True):
-                z = zs[directions.index(k)]
-                torch.add(flat[start:end], z, alpha=sign * self.eps, out=out.view(-1)[start:end])
+                end = start + len(zs[k])
+                torch.add(flat[start:end], zs[k], alpha=sign * self.eps, out=out.view(-1)[start:end])
         return outs
 
     def perturbed_rows(self, i, weights, evaluations):
@@ -365,15 +364,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         n, numel, flat = weights.shape[-1], weights.numel(), self.masters.get(i, weights).reshape(-1)
         size = max(1, CHUNK // n) * n
         blocks = [torch.empty(size, dtype=weights.dtype, device=weights.device) for _ in evaluations]
-        directions = list(dict.fromkeys(k for k, _ in evaluations))
         filled, first = 0, 0
-        for start, zs in self._noise(i, numel, weights.device, directions):
-            used = 0
-            while used < len(zs[0]):
-                take, at = min(len(zs[0]) - used, size - filled), start + used
+        for start, zs in self._noise(i, numel, weights.device, [k for k, _ in evaluations]):
+            used, length = 0, len(next(iter(zs.values())))
+            while used < length:
+                take, at = min(length - used, size - filled), start + used
                 for (k, sign), block in zip(evaluations, blocks, strict=True):
-                    z = zs[directions.index(k)]
-                    torch.add(flat[at : at + take], z[used : used + take], alpha=sign * self.eps,
+                    torch.add(flat[at : at + take], zs[k][used : used + take], alpha=sign * self.eps,
                               out=block[filled : filled + take])  # fmt: skip
                 filled, used = filled + take, used + take
                 if filled == size or start + used == numel:
@@ -438,8 +435,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         average = torch.empty(min(CHUNK, p.numel()), dtype=torch.float32, device=p.device)
         for start, zs in chunks:
             d = torch.mul(zs[0], gs[0] / len(gs), out=average[: len(zs[0])])
-            for z, g in zip(zs[1:], gs[1:], strict=True):
-                d.add_(z, alpha=g / len(gs))
+            for k, g in enumerate(gs[1:], 1):
+                d.add_(zs[k], alpha=g / len(gs))
             yield start, d, 1.0
 
     def _low_rank_direction(self, key, gU, finite):

@@ -71,7 +71,6 @@ METHODS += [f"LOZO-r{r}" for r in (1, 2, 4, 8)]
 # one inference forward of the batch twice.
 METHODS += ["forward-2B", "LOZO-pair", "LOZO-M-pair", "MeZO-pair", "LOZO-q4", "LOZO-pair-q4", "MeZO-q4"]
 METHODS += ["MeZO-pair-q4"]
-METHODS += ["MeZO-pair-q4"]
 LR, EPS, SEED = 1e-6, 1e-3, 0
 
 
@@ -276,13 +275,13 @@ def run_worker(opts):
 
             def weight_passes(g=0.0):  # the step without its forward passes: what the method itself costs
                 optimizer.begin_step()
-                for query in range(optimizer.queries if optimizer.pair is None else 0):
+                if optimizer.pair is not None:  # (its perturbed copies are built in the forward)
+                    optimizer.move_to(PAIR)
+                for query in range(optimizer.queries) if optimizer.pair is None else ():
                     if query:
                         optimizer.begin_query(query)
                     optimizer.move_to(+1)
                     optimizer.move_to(-1)
-                if optimizer.pair is not None:  # (its perturbed copies are built in the forward)
-                    optimizer.move_to(PAIR)
                 optimizer.set_projected_grad(g if optimizer.queries == 1 else [g] * optimizer.queries)
                 optimizer.step()
 
