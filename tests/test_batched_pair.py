@@ -72,6 +72,18 @@ def test_the_pair_computes_both_positions_in_one_forward(family, method, dtype, 
         assert relative(plus, two_plus) < tolerance and relative(minus, two_minus) < tolerance
 
 
+def two_forwards_per_direction(optimizer, forward):
+    """forward() at θ+εZ_k and θ−εZ_k of each direction k of the step, one forward each (the pair's order)."""
+    results = []
+    for query in range(optimizer.queries):
+        if query:
+            optimizer.begin_query(query)
+        for position in (+1, -1):
+            optimizer.move_to(position)
+            results.append(forward())
+    return results
+
+
 @torch.no_grad()
 def stacked_and_passes(model, inputs, queries, **settings):
     """The logits at θ ± εZ_k of every direction k of a step (after a first step, so that LOZO's factors hold
@@ -90,13 +102,7 @@ def stacked_and_passes(model, inputs, queries, **settings):
         optimizer.begin_step()
     stacked.move_to(PAIR)
     parts = list(model(**paired(inputs, 2 * queries)).logits.chunk(2 * queries))
-    two_passes = []
-    for query in range(queries):
-        if query:
-            passes.begin_query(query)
-        for position in (+1, -1):
-            passes.move_to(position)
-            two_passes.append(twin(**inputs).logits)
+    two_passes = two_forwards_per_direction(passes, lambda: twin(**inputs).logits)
     stacked.release(), passes.release()
     return parts, two_passes
 
@@ -143,13 +149,7 @@ def test_a_paired_owner_inside_another_computes_each_part(method):
         stacked.begin_step(), passes.begin_step()
         stacked.move_to(PAIR)
         parts = model(torch.cat([x] * 6)).chunk(6)
-        two_passes = []
-        for query in range(3):
-            if query:
-                passes.begin_query(query)
-            for position in (+1, -1):
-                passes.move_to(position)
-                two_passes.append(twin(x))
+        two_passes = two_forwards_per_direction(passes, lambda: twin(x))
     assert min(relative(a, b) for i, a in enumerate(parts) for b in parts[i + 1 :]) > 1e-3
     assert max(relative(a, b) for a, b in zip(parts, two_passes, strict=True)) < 1e-12
 
@@ -197,13 +197,7 @@ def test_the_projected_gradient_on_smollm2_and_real_sst2(method, dtype, smollm2_
     stacked.attach(model), passes.attach(twin)
     with torch.no_grad():
         stacked.begin_step(), passes.begin_step()
-        two = []
-        for query in (0, 1):
-            if query:
-                passes.begin_query(query)
-            for position in (+1, -1):
-                passes.move_to(position)
-                two.append(model_option_loss(twin, batch, pad, pack=True))
+        two = two_forwards_per_direction(passes, lambda: model_option_loss(twin, batch, pad, pack=True))
         stacked.move_to(PAIR)
         parts = model_option_loss(model, batch, pad, pack=True, copies=4)
     for k in (0, 1):
