@@ -18,9 +18,12 @@ ever perturbed in place:
     where A = −η Σ g U is this V period's update so far and A_old, V_old the finished periods, all float32
     (`LowRankMatrix`). Every `merge_periods` periods, and before a checkpoint, they are written into W,
     rounded once — stochastically in half precision, so the merge is unbiased;
-  * every other tensor has a float32 master copy: the weights are written as round(master + position·εz)
-    and the update goes into the master. That is small for LOZO's vectors; for MeZO it is 4 bytes a weight,
-    and `in_place` keeps MeZO's original in-place arithmetic (inference memory, rounding drift) instead.
+  * every other tensor (LOZO's vectors) has a float32 master copy: the weights are written as
+    round(master + position·εz) and the update goes into the master;
+  * MeZO's tensors are perturbed module by module (`DensePath`): a module computes with round(W ± εz)
+    built for its own forward, and the update alone writes W, rounded stochastically in half precision.
+    `master_weights` keeps a float32 master instead (+4 bytes a weight), `in_place` MeZO's original
+    in-place arithmetic (rounding drift).
 """
 
 import hashlib
@@ -55,15 +58,30 @@ def gaussian(shape, seed, device):
     return torch.randn(shape, generator=seeded_generator(seed, device), device=device, dtype=torch.float32)
 
 
-def dense_noise(numel, seed, device):
+def noise_chunk(numel, device):
+    """Elements per chunk of a dense tensor's noise and update, for `numel` trained numbers on `device`: the
+    float32 temporaries of a chunk take about 14 bytes an element (z, and the update's copy and random bits).
+    A CPU streams them best through its caches at CHUNK (2²⁰: 2²³ measured 6 % slower for SmolLM2's MeZO
+    step). A GPU launches ~13 kernels a chunk and a step, at a few µs of Python and launch each; at 2²⁰
+    each kernel takes about as long (a few MB at TB/s), so launches would bound a large model's step (OPT-13B:
+    12.7K chunks a pass). There a chunk is 1/512 of the trained numbers (temporaries under 3 % of fp16
+    weights), a power of two from 2²⁰ to 2²⁴: 10× fewer chunks at OPT-13B. A CPU draws the same numbers in
+    any chunks of a multiple of 16; a GPU's draws depend on the chunks, so a replay checks them
+    (`drawn_by`)."""
+    if torch.device(device).type == "cpu":
+        return CHUNK
+    return 1 << min(24, max(20, (numel // 512).bit_length() - 1))
+
+
+def dense_noise(numel, seed, device, chunk=CHUNK):
     """Yield (start, z) chunk by chunk: z ~ N(0,1) in float32 for elements start … start + len(z) of a flat
     tensor. z is refilled by the next chunk: use it before asking for the next one. (One buffer refilled in
-    place gives the same numbers as torch.randn; drawing bounds a dense step, and a fresh allocation per
-    chunk costs ~15 % more on a CPU.)"""
+    place gives the same numbers as torch.randn on a CPU; drawing bounds a dense step, and a fresh allocation
+    per chunk costs ~15 % more on a CPU.)"""
     generator = seeded_generator(seed, device)
-    buffer = torch.empty(min(CHUNK, numel), device=device, dtype=torch.float32)
-    for start in range(0, numel, CHUNK):
-        yield start, buffer[: min(CHUNK, numel - start)].normal_(generator=generator)
+    buffer = torch.empty(min(chunk, numel), device=device, dtype=torch.float32)
+    for start in range(0, numel, chunk):
+        yield start, buffer[: min(chunk, numel - start)].normal_(generator=generator)
 
 
 def as_tuple(key):
@@ -142,6 +160,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.tensors = [(i, p) for i, p in enumerate(p for g in self.param_groups for p in g["params"])]
         self.index = {id(p): i for i, p in self.tensors}
         self.names = names or {}
+        trained = sum(p.numel() for _, p in self.tensors)
+        self.chunk = noise_chunk(trained, self.tensors[0][1].device) if self.tensors else CHUNK
         self.zo_step = 0  # optimisation steps taken: selects Z and the V period
         self.skipped = 0  # steps whose losses were not finite
         self.projected_grad = None
@@ -327,7 +347,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 if written != before:
                     self._write_from_master(i, p, written)
             elif delta and self.in_place:  # MeZO in place: every move rounds
-                for start, z in dense_noise(p.numel(), self._seed(i), p.device):
+                for start, z in dense_noise(p.numel(), self._seed(i), p.device, self.chunk):
                     p.data.view(-1)[start : start + len(z)].add_(z, alpha=delta * self.eps)
         self.position = position
 
@@ -341,7 +361,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _noise(self, i, numel, device, directions, step=None):
         """(start, {direction: z}) chunk by chunk: tensor i's dense z of each of `directions`, in step."""
         directions = sorted(set(directions))
-        streams = [dense_noise(numel, self._seed(i, step, k), device) for k in directions]
+        streams = [dense_noise(numel, self._seed(i, step, k), device, self.chunk) for k in directions]
         for chunks in zip(*streams, strict=True):
             yield chunks[0][0], {k: z for k, (_, z) in zip(directions, chunks, strict=True)}
 
@@ -359,10 +379,10 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def perturbed_rows(self, i, weights, evaluations):
         """(rows, [round(W[rows] + s·εz_k[rows]) for each (k, s)]) for blocks of whole rows of a 2-D tensor i,
-        from the same z as `perturbed`, in buffers of about CHUNK numbers refilled for each block: use a
+        from the same z as `perturbed`, in buffers of about `chunk` numbers refilled for each block: use a
         block before asking for the next one."""
         n, numel, flat = weights.shape[-1], weights.numel(), self.masters.get(i, weights).reshape(-1)
-        size = max(1, CHUNK // n) * n
+        size = max(1, self.chunk // n) * n
         blocks = [torch.empty(size, dtype=weights.dtype, device=weights.device) for _ in evaluations]
         filled, first = 0, 0
         for start, zs in self._noise(i, numel, weights.device, [k for k, _ in evaluations]):
@@ -432,7 +452,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if len(gs) == 1:
             yield from ((start, zs[0], gs[0]) for start, zs in chunks)
             return
-        average = torch.empty(min(CHUNK, p.numel()), dtype=torch.float32, device=p.device)
+        average = torch.empty(min(self.chunk, p.numel()), dtype=torch.float32, device=p.device)
         for start, zs in chunks:
             d = torch.mul(zs[0], gs[0] / len(gs), out=average[: len(zs[0])])
             for k, g in enumerate(gs[1:], 1):
@@ -525,7 +545,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         weight = self.masters[i] if i in self.masters else p.detach()
         weight = weight.to(exact, copy=True)
         if i in self.masters and self.position:
-            z = torch.cat([z.clone() for _, z in dense_noise(p.numel(), self._seed(i), p.device)])
+            z = torch.cat([z.clone() for _, z in dense_noise(p.numel(), self._seed(i), p.device, self.chunk)])
             weight.add_(z.view(p.shape), alpha=self.position * self.eps)
         return weight
 
@@ -619,11 +639,12 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def drawn_by(self):
         """What the directions depend on besides the settings: the generator (its device type and torch's
-        algorithms: a CUDA generator draws other numbers than a CPU one for the same seed) and which
-        tensors are trained, in which order."""
+        algorithms: a CUDA generator draws other numbers than a CPU one for the same seed, and in other
+        numbers for other chunks of dense noise) and which tensors are trained, in which order."""
         tensors = [[self.names.get(id(p), str(i)), list(p.shape)] for i, p in self.tensors]
         return {
             "device": self.tensors[0][1].device.type,
+            "noise_chunk": self.chunk,
             "torch": torch.__version__,
             "tensors": hashlib.sha256(json.dumps(tensors).encode()).hexdigest(),
         }
@@ -657,7 +678,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise RuntimeError("replay() retakes a run from its first step: use a new optimizer")
         self.refuse_other_settings(record["settings"], record["weight_decay"])
         here = self.drawn_by()
-        changed = {k: (record[k], v) for k, v in here.items() if record[k] != v}
+        recorded = {"noise_chunk": CHUNK} | record  # (records that do not say it drew in chunks of CHUNK)
+        changed = {k: (recorded[k], v) for k, v in here.items() if recorded[k] != v}
         if changed:
             raise UsageError(
                 f"the checkpoint's directions were drawn elsewhere (checkpoint, here): {changed}; replay it "

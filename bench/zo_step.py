@@ -6,8 +6,9 @@
 Methods (--methods, comma-separated): forward, LOZO, LOZO-M, MeZO, MeZO-master, MeZO-in-place, LOZO-released,
 MeZO-released, FT-AdamW, LOZO-r1, LOZO-r2, LOZO-r4, LOZO-r8; with --zo_batched_pair: LOZO-pair, LOZO-M-pair,
 MeZO-pair; with --zo_queries 4: LOZO-q4, LOZO-pair-q4, MeZO-q4, MeZO-pair-q4 (with the pair, one forward of
-the batch 8 times); and forward-2B, one inference forward of the batch twice (what a one-direction pair's
-forward computes).
+the batch 8 times); forward-2B, one inference forward of the batch twice (what a one-direction pair's
+forward computes); and MeZO-chunk20, MeZO with its dense noise and update in chunks of 2²⁰ numbers (a CPU's
+chunk, which a GPU took for any model before its chunks grew with the model: zo_optimizer.noise_chunk).
 
 Each method runs in a fresh process (so its peak memory is its own): after warm-up, the median of
 --steps timed steps. "forward" is one forward pass computing the training loss on the batch in inference
@@ -47,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from utils import paired, portable  # noqa: E402
-from zo_optimizer import PAIR  # noqa: E402
+from zo_optimizer import CHUNK, PAIR  # noqa: E402
 
 SHAPES = {  # OPTConfig values of the released checkpoints; weights are random
     "opt-125m": dict(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12),
@@ -60,6 +61,7 @@ SHAPES = {  # OPTConfig values of the released checkpoints; weights are random
         do_layer_norm_before=False,
     ),
     "opt-1.3b": dict(hidden_size=2048, num_hidden_layers=24, ffn_dim=8192, num_attention_heads=32),
+    "opt-6.7b": dict(hidden_size=4096, num_hidden_layers=32, ffn_dim=16384, num_attention_heads=32),
 }
 METHODS = [
     "forward",
@@ -70,7 +72,7 @@ METHODS += [f"LOZO-r{r}" for r in (1, 2, 4, 8)]
 # --zo_batched_pair (the pair as one forward of 2B rows) and --zo_queries 4, and the unit they are held to:
 # one inference forward of the batch twice.
 METHODS += ["forward-2B", "LOZO-pair", "LOZO-M-pair", "MeZO-pair", "LOZO-q4", "LOZO-pair-q4", "MeZO-q4"]
-METHODS += ["MeZO-pair-q4"]
+METHODS += ["MeZO-pair-q4", "MeZO-chunk20"]
 LR, EPS, SEED = 1e-6, 1e-3, 0
 
 
@@ -122,9 +124,8 @@ def make_trainer(model, tokenizer, method, batch, output_dir):
 
     method, pair, queries = method.removesuffix("-q4"), "-pair" in method, 4 if method.endswith("-q4") else 1
     method = method.removesuffix("-pair")
-    trainer_name = {"MeZO": "zo", "MeZO-master": "zo", "MeZO-in-place": "zo", "FT-AdamW": "regular"}.get(
-        method, "LOZO"
-    )
+    zo = {"MeZO", "MeZO-master", "MeZO-in-place", "MeZO-chunk20"}
+    trainer_name = "zo" if method in zo else "regular" if method == "FT-AdamW" else "LOZO"
     argv = ["--output_dir", output_dir, "--trainer", trainer_name, "--learning_rate", str(LR)]
     argv += ["--zo_eps", str(EPS), "--train_set_seed", "0", "--per_device_train_batch_size", str(batch)]
     if method == "LOZO-M":
@@ -144,6 +145,8 @@ def make_trainer(model, tokenizer, method, batch, output_dir):
     trainer = LowRankTrainer(model=model, args=args, train_dataset=[{}], processing_class=processing)
     trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = 1
+    if method == "MeZO-chunk20":
+        trainer.zo_optimizer.chunk = CHUNK
     return trainer
 
 
@@ -448,9 +451,8 @@ def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--model", required=True, help="a checkpoint folder or shape:opt-125m / shape:opt-350m"
-    )
+    shapes = ", ".join("shape:" + name for name in SHAPES)
+    parser.add_argument("--model", required=True, help=f"a checkpoint folder or one of {shapes}")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_zo_step_benchmark_reports_each_method(tiny_opt_dir, data_dir, tmp_path):
     out = tmp_path / "bench.json"
-    methods = "forward,LOZO-r4,MeZO,LOZO-released,FT-AdamW"
+    methods = "forward,LOZO-r4,MeZO,MeZO-chunk20,LOZO-released,FT-AdamW"
     command = [
         sys.executable,
         str(REPO / "bench" / "zo_step.py"),
@@ -42,7 +42,7 @@ def test_zo_step_benchmark_reports_each_method(tiny_opt_dir, data_dir, tmp_path)
     assert report["forward_s"] == report["methods"]["forward"]["step_s"]
     # The project's own ZO steps also report the cost of their weight passes alone (the profile of a step).
     with_passes = {name for name, method in report["methods"].items() if "weight_passes_s" in method}
-    assert with_passes == {"LOZO-r4", "MeZO"}
+    assert with_passes == {"LOZO-r4", "MeZO", "MeZO-chunk20"}
     assert all(0 < report["methods"][name]["weight_passes_s"] for name in with_passes)
     # MeZO's default step is also timed against its in-place step, alternated in one process.
     mezo = report["methods"]["MeZO"]
@@ -57,7 +57,8 @@ def test_unknown_shape_is_a_one_line_error(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode != 0
     assert done.stderr.strip().splitlines() == [
-        "error: unknown shape shape:opt-7b; use one of: shape:opt-125m, shape:opt-350m, shape:opt-1.3b"
+        "error: unknown shape shape:opt-7b; use one of: shape:opt-125m, shape:opt-350m, shape:opt-1.3b, "
+        "shape:opt-6.7b"
     ]
 
 

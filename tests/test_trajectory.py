@@ -137,6 +137,10 @@ def test_replay_retakes_skipped_steps_and_merges_and_checks_the_settings_and_the
         fresh(start.clone()).replay(record | {"device": "cuda"})  # a CUDA generator draws other numbers
     with pytest.raises(UsageError, match="drawn elsewhere .*'tensors'"):
         fresh(start.clone()).replay(record | {"tensors": "other names or shapes"})
+    with pytest.raises(UsageError, match="drawn elsewhere .*'noise_chunk': \\(16777216, 1048576\\)"):
+        fresh(start.clone()).replay(record | {"noise_chunk": 1 << 24})  # a GPU's draws depend on the chunks
+    older = {k: v for k, v in record.items() if k != "noise_chunk"}  # written when every chunk was 2²⁰
+    fresh(start.clone()).replay(older)
     assert "differs from the checkpoint" not in caplog.text
     fresh(start.clone()).replay(record | {"digest": "another state"})
     assert "differs from the checkpoint's in its last bits" in caplog.text
