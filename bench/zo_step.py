@@ -27,6 +27,8 @@ the top-level "forward_s" is the fresh "forward" process's own. For the project'
 θ−εZ, update): what the method adds to two forwards besides the side path inside them. MeZO's default
 step is also timed alternately with its in-place step in one process ("over_in_place"; the in-place step on
 a second copy of the model, loaded after the peak-memory sampling).
+--profile adds one step of each method under torch.profiler ("profile": its top operations by self time,
+with their calls: for MeZO the draws, aten::normal_).
 Peak memory: the highest resident set size sampled during the timed steps (CPU), or
 torch.cuda.max_memory_allocated (GPU).
 """
@@ -320,6 +322,8 @@ def run_worker(opts):
         result["weight_passes_s"] = statistics.median(
             timed(weight_passes, synchronized) for _ in range(opts.steps)
         )
+    if opts.profile:
+        result["profile"] = profile_step(run_step, synchronized)
     if optimizer is not None and optimizer.matrices:  # one pass writing all unmerged periods into the weights
         result["merge_s"] = timed(optimizer.settle, synchronized)
         result["merge_every_steps"] = optimizer.merge_periods * optimizer.step_interval
@@ -377,6 +381,18 @@ def alternated(functions, steps, synchronized):
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def profile_step(run_step, synchronized, top=8):
+    """One step under torch.profiler: its `top` operations by self time (CPU time: what a CPU computes, and
+    what a GPU's host spends launching), with their calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        run_step()
+        synchronized()
+    events = sorted(profiler.key_averages(), key=lambda event: event.self_cpu_time_total, reverse=True)[:top]
+    return {event.key: {"calls": event.count, "self_s": event.self_cpu_time_total / 1e6} for event in events}
+
+
 def timed(function, synchronized):
     start = time.perf_counter()
     function()
@@ -401,6 +417,7 @@ def measure(opts, method):
     ]
     command += ["--seq", str(opts.seq), "--device", opts.device, "--dtype", opts.dtype]
     command += ["--steps", str(opts.steps), "--warmup", str(opts.warmup), "--threads", str(opts.threads)]
+    command += ["--profile"] * opts.profile
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"error: {method} failed:\n{done.stderr[-3000:]}")
@@ -463,6 +480,9 @@ def main():
     parser.add_argument(
         "--methods", default=",".join(METHODS), help=f"comma-separated, from: {', '.join(METHODS)}"
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="also profile one step a method: its top operations and calls"
+    )
     parser.add_argument("--out", help="JSON report (default result/bench/<model>-<device>-<dtype>.json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     opts = parser.parse_args()
@@ -508,6 +528,8 @@ def main():
     for name, m in report["methods"].items():
         if "over_in_place" in m:
             print(f"{name}, alternated in one process with its in-place step: {m['over_in_place']:.2f} × it")
+        for op, cost in m.get("profile", {}).items():
+            print(f"{name}, one step profiled: {op} {cost['calls']} calls, {cost['self_s']:.3f} s")
         if "pair_over_two_passes" in m:
             print(
                 f"{name}, alternated in one process: {m['pair_over_two_passes']:.2f} × its two-pass step, "

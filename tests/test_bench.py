@@ -20,6 +20,7 @@ def test_zo_step_benchmark_reports_each_method(tiny_opt_dir, data_dir, tmp_path)
         "2",
     ]
     command += ["--seq", "8", "--steps", "1", "--warmup", "0", "--threads", "1", "--methods", methods]
+    command += ["--profile"]
     done = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -48,6 +49,9 @@ def test_zo_step_benchmark_reports_each_method(tiny_opt_dir, data_dir, tmp_path)
     mezo = report["methods"]["MeZO"]
     assert mezo["over_in_place"] == mezo["alternated"]["default_s"] / mezo["alternated"]["in_place_s"]
     assert "MeZO, alternated in one process with its in-place step" in done.stdout
+    draws = mezo["profile"]["aten::normal_"]  # --profile: one step's top operations (MeZO: its draws)
+    assert draws["calls"] > 0 and draws["self_s"] > 0
+    assert "MeZO, one step profiled: aten::normal_" in done.stdout
     assert out.with_suffix(".png").stat().st_size > 0
     assert "| LOZO-r4 |" in done.stdout
 
