@@ -198,6 +198,9 @@ class LowRankMatrix:
         # that training on large batches never holds them.
         self.mirrored = param.device.type == "cpu" and param.dtype in (torch.float16, torch.bfloat16)
         self.used, self.scale, self.position = 0, 1.0, 0
+        # Whether C may be non-zero (an update with lr ≠ 0 since it was last zeroed): known on the host, since
+        # asking C itself would wait for a GPU at every step.
+        self.updated = False
         self.active = False  # whether the low-rank part is non-zero (else the forward skips it)
         self._views()
 
@@ -229,13 +232,14 @@ class LowRankMatrix:
     def begin_period(self, V):
         """A new V: this period's update joins the unmerged ones (unless it is zero, as at lr 0)."""
         r = self.rank
-        if self.C.any():
+        if self.updated:
             self.left[r + self.used : 2 * r + self.used] = (
                 self.C * self.norms if self.normalized else self.C
             ).T
             self.right[r + self.used : 2 * r + self.used] = self.right[:r]
             self.used += r
         self.C.zero_()
+        self.updated = False
         if self.normalized:
             self.norms = V.norm(dim=0).clamp_min(torch.finfo(torch.float32).tiny)
             V = V / self.norms
@@ -252,13 +256,14 @@ class LowRankMatrix:
                 self.left[k : k + r] = (U * self.norms if self.normalized else U).T
                 self.right[k : k + r] = self.right[:r]
                 k += r
-        self.active = position != 0 or self.used > 0 or bool(self.C.any()) or self.scale != 1.0
+        self.active = position != 0 or self.used > 0 or self.updated or self.scale != 1.0
         self._views()
 
     def update(self, direction, lr, decay):
         """Effective weight ← decay · effective weight − lr · direction · Vᵀ, back at position 0."""
         self.scale *= decay
         self.C.add_(direction, alpha=-lr / self.scale)
+        self.updated = self.updated or lr != 0
         self.move_to(0)
 
     def merge(self, generator, current):
@@ -276,6 +281,7 @@ class LowRankMatrix:
                 round_into(block, exact, generator)
         if current:
             self.C.zero_()
+            self.updated = False
         else:
             self.C.mul_(self.scale)  # this period's update, now relative to the merged W
         self.used, self.scale = 0, 1.0
@@ -353,6 +359,7 @@ class LowRankMatrix:
         k = len(state["left"])
         self.left[:k], self.right[:k] = state["left"], state["right"]
         self.used, self.C, self.scale = k - self.rank, state["C"].to(self.param.device), state["scale"]
+        self.updated = bool(self.C.any())
         if "norms" in state:
             self.norms = state["norms"].to(self.param.device)
         self.move_to(self.position)

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from zoo import perturbed_steps
 
 from utils import UsageError
-from zo_optimizer import ZOOptimizer
+from zo_optimizer import PAIR, ZOOptimizer
 
 
 def lozo(model, **kwargs):
@@ -161,3 +161,55 @@ def test_an_expert_stack_read_other_than_one_expert_at_a_time_is_refused():
     optimizer.move_to(+1)
     with pytest.raises(UsageError, match=r"cannot train 0\.weight: Experts reads it with __getitem__"):
         model(torch.randn(2, 5))
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Records every read of a tensor's values into Python (on a GPU, each waits for the device)."""
+
+    READS = {torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(low_rank=True), dict(low_rank=True, momentum=0.9), {}, dict(batched_pair=True, queries=2)],
+    ids=["LOZO", "LOZO-M", "MeZO", "MeZO-pair-q2"],
+)
+@torch.no_grad()
+def test_a_zo_step_reads_nothing_back_from_the_device(settings, tiny_llama_dir):
+    """Drawing the directions, the forwards at θ±εZ, the update and new V periods never turn a tensor into a
+    Python value: on a GPU each such read would stall the step (LOZO asked every matrix whether its update
+    was zero at each move). Only a merge, every merge_periods periods, asks whether its factors are. At lr 0
+    LOZO's side path stays off."""
+    ids = torch.tensor([[1, 5, 9, 2], [3, 4, 8, 7]])
+    for lr in (1e-6, 0.0):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
+        names = {id(p): n for n, p in model.named_parameters()}
+        settings = dict(step_interval=1, merge_periods=8, names=names) | settings  # no merge in 5 steps
+        optimizer = ZOOptimizer(model.parameters(), lr=lr, seed=3, **settings)
+        optimizer.attach(model)
+        mode = HostReads()
+        with mode:
+            for g in (0.9, -1.3, 0.5, 2.0, -0.1):
+                optimizer.begin_step()
+                if optimizer.pair is None:
+                    for position in (+1, -1):
+                        optimizer.move_to(position)
+                        model(input_ids=ids)
+                    optimizer.set_projected_grad(g)
+                else:
+                    optimizer.move_to(PAIR)
+                    model(input_ids=ids.repeat(4, 1))
+                    optimizer.set_projected_grad([g, -g])
+                optimizer.step()
+        assert mode.reads == []
+        matrices = optimizer.matrices.values()
+        assert all(matrix.active == (lr != 0) and matrix.periods == (4 if lr else 0) for matrix in matrices)
