@@ -202,6 +202,7 @@ class LowRankMatrix:
         # asking C itself would wait for a GPU at every step.
         self.updated = False
         self.active = False  # whether the low-rank part is non-zero (else the forward skips it)
+        self.At = self.Bt = self.left[:0]
         self._views()
 
     @property
@@ -220,14 +221,22 @@ class LowRankMatrix:
 
     def _views(self):
         k = self.rank + self.used + (len(self.Us) * self.rank if self.position is PAIR else 0)
-        self.At, self.Bt = self.left[:k], self.right[:k]  # Aᵀ (k×m) and Bᵀ (k×n): the forward's factors
+        if k != len(self.At):  # (views of the buffers, which are written in place: only k changes them)
+            self.At, self.Bt = self.left[:k], self.right[:k]  # Aᵀ (k×m), Bᵀ (k×n): the forward's factors
         self.mirrors = None  # float32 copies, made when a small batch first needs them after a change
 
-    def current(self):
-        """This period's rows of the left factor, in float32: C + position·(ε/scale)·U (times V's norms)."""
-        moved = self.position not in (0, PAIR)  # the pair's ±εU has rows of its own
-        rows = self.C + (self.position * self.eps / self.scale) * self.U if moved else self.C
-        return rows * self.norms if self.normalized else rows
+    def _write_current(self):
+        """This period's rows of the left factor ← C + position·(ε/scale)·U (times V's norms), computed in
+        float32 and rounded once; one operation unless normalized (a GPU launch each: every matrix moves
+        three times a step)."""
+        rows, moved = self.left[: self.rank].T, self.position not in (0, PAIR)  # (the pair's ±εU: own rows)
+        alpha = self.position * self.eps / self.scale if moved else 0.0
+        if self.normalized:
+            rows.copy_((self.C + alpha * self.U if moved else self.C) * self.norms)
+        elif moved:
+            torch.add(self.C, self.U, alpha=alpha, out=rows)
+        else:
+            rows.copy_(self.C)
 
     def begin_period(self, V):
         """A new V: this period's update joins the unmerged ones (unless it is zero, as at lr 0)."""
@@ -248,7 +257,7 @@ class LowRankMatrix:
 
     def move_to(self, position):
         self.position = position
-        self.left[: self.rank] = self.current().T
+        self._write_current()
         if position is PAIR:
             r, k = self.rank, self.rank + self.used
             for U in self.Us:
