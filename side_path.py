@@ -229,14 +229,15 @@ class LowRankMatrix:
         """This period's rows of the left factor ← C + position·(ε/scale)·U (times V's norms), computed in
         float32 and rounded once; one operation unless normalized (a GPU launch each: every matrix moves
         three times a step)."""
-        rows, moved = self.left[: self.rank].T, self.position not in (0, PAIR)  # (the pair's ±εU: own rows)
-        alpha = self.position * self.eps / self.scale if moved else 0.0
+        rows = self.left[: self.rank].T
+        if self.position in (0, PAIR):  # (the pair's ±εU has rows of its own)
+            rows.copy_(self.C * self.norms if self.normalized else self.C)
+            return
+        alpha = self.position * self.eps / self.scale
         if self.normalized:
-            rows.copy_((self.C + alpha * self.U if moved else self.C) * self.norms)
-        elif moved:
-            torch.add(self.C, self.U, alpha=alpha, out=rows)
+            rows.copy_((self.C + alpha * self.U) * self.norms)
         else:
-            rows.copy_(self.C)
+            torch.add(self.C, self.U, alpha=alpha, out=rows)
 
     def begin_period(self, V):
         """A new V: this period's update joins the unmerged ones (unless it is zero, as at lr 0)."""

@@ -193,8 +193,8 @@ def test_a_zo_step_reads_nothing_back_from_the_device(settings, tiny_llama_dir):
     for lr in (1e-6, 0.0):
         model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
         names = {id(p): n for n, p in model.named_parameters()}
-        settings = dict(step_interval=1, merge_periods=8, names=names) | settings  # no merge in 5 steps
-        optimizer = ZOOptimizer(model.parameters(), lr=lr, seed=3, **settings)
+        options = dict(step_interval=1, merge_periods=8, names=names) | settings  # no merge in 5 steps
+        optimizer = ZOOptimizer(model.parameters(), lr=lr, seed=3, **options)
         optimizer.attach(model)
         mode = HostReads()
         with mode:
