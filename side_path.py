@@ -176,7 +176,10 @@ class LowRankMatrix:
     in float32 and is rounded once per move; the merge writes exactly what the forward computed with. In
     float16 (on a GPU) the rows of `right` are V's columns scaled to unit length (and `left`'s rows scaled up
     to match), so that x·V cannot overflow float16's range for any input whose norm fits in it: the side
-    path runs in float16, no float32 copy."""
+    path runs in float16, no float32 copy.
+
+    C and U (m×r) are laid out as this period's rows of `left` are (the transpose of a contiguous r×m), so
+    that the moves of all matrices are a few multi-tensor operations (`move_all`)."""
 
     def __init__(self, param, rank, eps, capacity, expert=None, pair=None):
         self.param, self.expert, self.rank, self.eps = param, expert, rank, eps
@@ -187,12 +190,12 @@ class LowRankMatrix:
         self.left = torch.zeros(rows, m, dtype=param.dtype, device=param.device)
         self.right = torch.zeros(rows, n, dtype=param.dtype, device=param.device)
         self.exact_dtype = torch.promote_types(param.dtype, torch.float32)  # of C, U and the merge
-        self.C = torch.zeros(m, rank, dtype=self.exact_dtype, device=param.device)
+        self.C = as_rows(torch.zeros(m, rank, dtype=self.exact_dtype, device=param.device))
         self.U = torch.zeros_like(self.C)
         self.Us = [self.U]  # U of each direction a paired forward evaluates (set by the optimizer)
         self.signs = {}  # the pair's part-by-direction signs, by dtype and dimensions (see `keep_own`)
-        self.norms = torch.ones(rank, dtype=self.exact_dtype, device=param.device)
         self.normalized = param.dtype == torch.float16
+        self._set_norms(torch.ones(rank, dtype=self.exact_dtype, device=param.device))
         # On a CPU, float32 copies of half-precision factors (the same values) for small batches, and for
         # every float16 product (a CPU without float16 matrix instructions emulates them); made lazily, so
         # that training on large batches never holds them.
@@ -225,19 +228,16 @@ class LowRankMatrix:
             self.At, self.Bt = self.left[:k], self.right[:k]  # Aᵀ (k×m), Bᵀ (k×n): the forward's factors
         self.mirrors = None  # float32 copies, made when a small batch first needs them after a change
 
-    def _write_current(self):
-        """This period's rows of the left factor ← C + position·(ε/scale)·U (times V's norms), computed in
-        float32 and rounded once; one operation unless normalized (a GPU launch each: every matrix moves
-        three times a step)."""
-        rows = self.left[: self.rank].T
-        if self.position in (0, PAIR):  # (the pair's ±εU has rows of its own)
-            rows.copy_(self.C * self.norms if self.normalized else self.C)
-            return
-        alpha = self.position * self.eps / self.scale
+    @property
+    def current_rows(self):
+        """This period's rows of the left factor, as an m×r view (C's layout)."""
+        return self.left[: self.rank].T
+
+    def _set_norms(self, norms):
+        """V's column norms (r) and, for the moves' multi-tensor products, as an m×r matrix in C's layout."""
+        self.norms = norms
         if self.normalized:
-            rows.copy_((self.C + alpha * self.U) * self.norms)
-        else:
-            torch.add(self.C, self.U, alpha=alpha, out=rows)
+            self.norm_rows = as_rows(norms.expand(self.C.shape[0], -1))
 
     def begin_period(self, V):
         """A new V: this period's update joins the unmerged ones (unless it is zero, as at lr 0)."""
@@ -251,14 +251,17 @@ class LowRankMatrix:
         self.C.zero_()
         self.updated = False
         if self.normalized:
-            self.norms = V.norm(dim=0).clamp_min(torch.finfo(torch.float32).tiny)
+            self._set_norms(V.norm(dim=0).clamp_min(torch.finfo(torch.float32).tiny))
             V = V / self.norms
         self.right[:r] = V.T
         self.move_to(self.position)
 
     def move_to(self, position):
+        move_all([self], position)
+
+    def _moved(self, position):
+        """After `move_all` wrote this period's rows at `position`: the pair's rows, the forward's view."""
         self.position = position
-        self._write_current()
         if position is PAIR:
             r, k = self.rank, self.rank + self.used
             for U in self.Us:
@@ -271,10 +274,7 @@ class LowRankMatrix:
 
     def update(self, direction, lr, decay):
         """Effective weight ← decay · effective weight − lr · direction · Vᵀ, back at position 0."""
-        self.scale *= decay
-        self.C.add_(direction, alpha=-lr / self.scale)
-        self.updated = self.updated or lr != 0
-        self.move_to(0)
+        update_all([self], [direction], lr, decay)
 
     def merge(self, generator, current):
         """W ← scale·(W + A_old·V_oldᵀ (+ C·Vᵀ with `current`)), rounded once, row block by row block. The
@@ -368,11 +368,54 @@ class LowRankMatrix:
     def load(self, state):
         k = len(state["left"])
         self.left[:k], self.right[:k] = state["left"], state["right"]
-        self.used, self.C, self.scale = k - self.rank, state["C"].to(self.param.device), state["scale"]
+        self.used, self.scale = k - self.rank, state["scale"]
+        self.C = as_rows(state["C"].to(self.param.device))
         self.updated = bool(self.C.any())
         if "norms" in state:
-            self.norms = state["norms"].to(self.param.device)
+            self._set_norms(state["norms"].to(self.param.device))
         self.move_to(self.position)
+
+
+def as_rows(matrix):
+    """An m×r `matrix` laid out as the transpose of a contiguous r×m one: as a left factor's rows are."""
+    return matrix.T.contiguous().T
+
+
+def move_all(matrices, position):
+    """`move_to(position)` of each of `matrices`: this period's rows of the left factor ←
+    C + position·(ε/scale)·U (times V's norms), computed in float32 and rounded once. Matrices alike move
+    together, in multi-tensor operations: on a GPU a few launches for all of them, where one a matrix (three
+    moves a step) would bound a small model's step. (At PAIR, the pair's ±εU_k get rows of their own.)"""
+    for (_, normalized, alpha), group in _alike(matrices, position):
+        Cs = [matrix.C for matrix in group]
+        values = Cs if alpha == 0 else torch._foreach_add(Cs, [matrix.U for matrix in group], alpha=alpha)
+        if normalized:
+            values = torch._foreach_mul(values, [matrix.norm_rows for matrix in group])
+        torch._foreach_copy_([matrix.current_rows for matrix in group], values)
+    for matrix in matrices:
+        matrix._moved(position)
+
+
+def update_all(matrices, directions, lr, decay):
+    """`update` of each of `matrices` along its direction (m×r), in multi-tensor operations (`move_all`)."""
+    for matrix in matrices:
+        matrix.scale *= decay
+        matrix.updated = matrix.updated or lr != 0
+    direction_of = dict(zip(map(id, matrices), directions, strict=True))
+    for (scale, _, _), group in _alike(matrices, 0):
+        torch._foreach_add_([m.C for m in group], [direction_of[id(m)] for m in group], alpha=-lr / scale)
+    move_all(matrices, 0)
+
+
+def _alike(matrices, position):
+    """`matrices` in groups that one multi-tensor operation can take, each with what it has in common:
+    (scale, normalized, the alpha of U at `position`); a group also shares a dtype and a device."""
+    groups = {}
+    for matrix in matrices:
+        alpha = 0.0 if position in (0, PAIR) else position * matrix.eps / matrix.scale
+        key = (matrix.scale, matrix.normalized, alpha, matrix.left.dtype, matrix.left.device)
+        groups.setdefault(key, []).append(matrix)
+    return [(key[:3], group) for key, group in groups.items()]
 
 
 # Reads of a matrix that involve no values (the modules that own one may ask for its dtype or shape).

@@ -36,7 +36,17 @@ import numpy as np
 import torch
 
 from dense_path import DensePath
-from side_path import CHUNK, PAIR, LowRankMatrix, PairBatch, SidePath, round_into
+from side_path import (
+    CHUNK,
+    PAIR,
+    LowRankMatrix,
+    PairBatch,
+    SidePath,
+    as_rows,
+    move_all,
+    round_into,
+    update_all,
+)
 from utils import UsageError
 
 logger = logging.getLogger(__name__)
@@ -303,7 +313,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 previous = matrix.V
                 matrix.begin_period(gaussian((n, self.rank), seed, matrix.param.device))
                 if key in self.momentum:  # LOZO-M: the momentum carried into the new V's basis
-                    self.momentum[key] = self.momentum[key] @ (previous.T @ matrix.V) / n
+                    self.momentum[key] = as_rows(self.momentum[key] @ (previous.T @ matrix.V) / n)
                 if matrix.periods >= self.merge_periods:
                     matrix.merge(self._rounding(key), current=False)
         self._draw_U()
@@ -318,7 +328,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _U(self, key, query):
         matrix = self.matrices[key]
         U = gaussian((matrix.weight.shape[0], self.rank), self._seed(key, query=query), matrix.param.device)
-        return U.to(matrix.exact_dtype)
+        return as_rows(U.to(matrix.exact_dtype))  # (C's layout: the moves' multi-tensor operations need it)
 
     def begin_query(self, query):
         """Direction `query` (1 … queries − 1) of this step: its own U (the period's V) or dense z. The next
@@ -341,11 +351,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         delta = position - self.position if self.in_place and self.position is not None else None
         # A master's weights hold θ at position 0 and for the pair (whose forward perturbs module by module).
         written, before = (0 if x is PAIR else x for x in (position, self.position))
+        move_all(list(self.matrices.values()), position)
         for i, p in self.tensors:
             if i in self.keys:
-                for key in self.keys[i]:
-                    self.matrices[key].move_to(position)
-            elif i in self.masters:
+                continue
+            if i in self.masters:
                 if written != before:
                     self._write_from_master(i, p, written)
             elif delta and self.in_place:  # MeZO in place: every move rounds
@@ -428,24 +438,33 @@ class ZOOptimizer(torch.optim.Optimizer):
         # The groups are read now: the lr scheduler (and load_state_dict) replace their values.
         for group in self.param_groups:
             lr, decay = (group["lr"], 1.0 - group["lr"] * group["weight_decay"]) if finite else (0.0, 1.0)
-            for p in group["params"]:
-                i = self.index[id(p)]
-                for key in self.keys.get(i, ()):
-                    gU = self._projected_U(key, gs)
-                    self.matrices[key].update(self._low_rank_direction(key, gU, finite), lr, decay)
+            indices = [self.index[id(p)] for p in group["params"]]
+            keys = [key for i in indices for key in self.keys.get(i, ())]
+            directions = self._low_rank_directions(keys, self._projected_Us(keys, gs), finite)
+            update_all([self.matrices[key] for key in keys], directions, lr, decay)
+            for i, p in zip(indices, group["params"], strict=True):
                 if i not in self.keys:
                     self._step_dense(i, p, gs, lr, decay, restore, finite)
         self.zo_step += 1
         self.projected_grad = None
         self.position = 0
 
-    def _projected_U(self, key, gs):
-        """g·U, or with several directions the average of their g_k·U_k (all under the period's V)."""
+    def _projected_Us(self, keys, gs):
+        """g·U of each matrix of `keys`, or with several directions the average of their g_k·U_k (all under
+        the period's V), in multi-tensor operations."""
+        if not keys:
+            return []
+        Us = [self._Us(key, len(gs)) for key in keys]
+        total = torch._foreach_mul([U[0] for U in Us], gs[0] / len(gs))
+        for k, g in enumerate(gs[1:], 1):
+            total = torch._foreach_add(total, torch._foreach_mul([U[k] for U in Us], g / len(gs)))
+        return total
+
+    def _Us(self, key, queries):
+        """The U of each of a step's `queries` directions of a matrix (kept with the batched pair, else the
+        last one's only: the others drawn again)."""
         Us = self.matrices[key].Us
-        if len(gs) == 1:
-            return gs[0] * Us[0]
-        Us = Us if len(Us) == len(gs) else [self._U(key, k) for k in range(len(gs))]
-        return sum((g / len(gs)) * U for g, U in zip(gs, Us, strict=True))
+        return Us if len(Us) == queries else [self._U(key, k) for k in range(queries)]
 
     def _dense_direction(self, i, p, gs):
         """(start, d, g) chunk by chunk: the step's direction over the chunk is g·d, z and g for one
@@ -461,16 +480,24 @@ class ZOOptimizer(torch.optim.Optimizer):
                 d.add_(zs[k], alpha=g / len(gs))
             yield start, d, 1.0
 
-    def _low_rank_direction(self, key, gU, finite):
-        """g·U, or for LOZO-M the momentum N ← βN + (1−β)·g·U, started at N₀ = g₀U₀ as the released code
-        starts it (not from zero, which would make the first steps (1−β) times smaller)."""
+    def _low_rank_directions(self, keys, gUs, finite):
+        """g·U of each matrix, or for LOZO-M its momentum N ← βN + (1−β)·g·U, started at N₀ = g₀U₀ as the
+        released code starts it (not from zero, which would make the first steps (1−β) times smaller)."""
         if self.beta is None:
-            return gU
-        N = self.momentum.get(key)
+            return gUs
         if finite:
-            N = gU if N is None else self.beta * N + (1 - self.beta) * gU
-            self.momentum[key] = N
-        return torch.zeros_like(gU) if N is None else N
+            going = [key for key in keys if key in self.momentum]
+            if going:
+                fresh = dict(zip(keys, gUs, strict=True))
+                kept = torch._foreach_mul([self.momentum[key] for key in going], self.beta)
+                added = torch._foreach_mul([fresh[key] for key in going], 1 - self.beta)
+                self.momentum.update(zip(going, torch._foreach_add(kept, added), strict=True))
+            for key, gU in zip(keys, gUs, strict=True):
+                self.momentum.setdefault(key, gU)
+        return [
+            self.momentum[key] if key in self.momentum else torch.zeros_like(gU)
+            for key, gU in zip(keys, gUs, strict=True)
+        ]
 
     def _step_dense(self, i, p, gs, lr, decay, restore, finite):
         """One pass, W ← decay·W − η(g·z or m): on the master (then copied into the weights), on the weights

@@ -1,6 +1,8 @@
 """What the side path follows besides the typed modules (a parent reading a child's weight, peft's LoRA
 embedding), what it refuses, what a save writes, and float16 on real activations."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -176,6 +178,49 @@ class HostReads(torch.overrides.TorchFunctionMode):
         if func in self.READS:
             self.reads.append(func.__name__)
         return func(*args, **(kwargs or {}))
+
+
+class Operations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the operations that compute (on a GPU, a kernel launch each at least), views aside."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("settings", [{}, dict(momentum=0.9), dict(queries=2)], ids=["LOZO", "LOZO-M", "q2"])
+@torch.no_grad()
+def test_the_moves_and_the_update_take_all_matrices_in_a_few_operations(settings, dtype):
+    """LOZO moves every matrix to θ±εZ and back, and updates them, in multi-tensor operations: as many for
+    24 matrices as for 3 (one or more a matrix each, three moves and an update a step, would bound a small
+    model's step on a GPU by its launches). Only U's draws grow with them (a draw and a copy into C's layout,
+    for each matrix and direction), uncounted here."""
+
+    def operations(count):
+        torch.manual_seed(0)
+        matrices = [torch.nn.Parameter(torch.randn(16, 8, dtype=dtype)) for _ in range(count)]
+        optimizer = ZOOptimizer(matrices, lr=1e-3, seed=3, low_rank=True, step_interval=2, **settings)
+        counted = Operations()
+        for step, g in enumerate((0.9, -1.3, 0.5)):  # (LOZO-M's momentum starts at the first step)
+            optimizer.begin_step()
+            with counted if step == 2 else contextlib.nullcontext():
+                for query in range(optimizer.queries):
+                    if query:
+                        optimizer.begin_query(query)
+                    optimizer.move_to(+1)
+                    optimizer.move_to(-1)
+                optimizer.set_projected_grad(g if optimizer.queries == 1 else [g, -g])
+                optimizer.step()
+        return [name for name in counted.names if name.split(".")[0] not in ("randn", "clone")]
+
+    few, many = operations(3), operations(24)
+    assert len(few) == len(many) <= 24, few
 
 
 @pytest.mark.parametrize(
