@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 logger = logging.getLogger(__name__)
 
@@ -488,6 +489,23 @@ def products_for(dtype):
         *[str(dtype).removeprefix("torch.")] * 4,
     )
     return Float32Products()
+
+
+class CountedOperations(TorchDispatchMode):
+    """Records the name of every operation that computes, views and allocations aside: on a GPU each
+    launches a kernel or more, and at small batches launches bound a step (bench/zo_step.py's
+    `weight_passes_ops`)."""
+
+    ALLOCATIONS = {"empty", "empty_like", "empty_strided"}
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func.__name__.split(".")[0] not in self.ALLOCATIONS:
+            self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
 
 
 def default_precision():

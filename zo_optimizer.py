@@ -52,6 +52,7 @@ from utils import UsageError
 logger = logging.getLogger(__name__)
 
 U_STREAM, V_STREAM, ROUNDING_STREAM = 0, 1, 2
+SMALL = 1 << 16  # a tensor of at most this many numbers (norms, biases) keeps its z for the step
 
 
 @functools.lru_cache(maxsize=1 << 13)  # a step asks for a dense tensor's seed at each move and its update
@@ -174,6 +175,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.names = names or {}
         trained = sum(p.numel() for _, p in self.tensors)
         self.chunk = noise_chunk(trained, self.tensors[0][1].device) if self.tensors else CHUNK
+        self.small_z = {}  # seed -> z of a tensor of at most SMALL numbers, this step
         self.zo_step = 0  # optimisation steps taken: selects Z and the V period
         self.skipped = 0  # steps whose losses were not finite
         self.projected_grad = None
@@ -352,13 +354,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         # A master's weights hold θ at position 0 and for the pair (whose forward perturbs module by module).
         written, before = (0 if x is PAIR else x for x in (position, self.position))
         move_all(list(self.matrices.values()), position)
+        if written != before:
+            self._write_from_masters([(i, p) for i, p in self.tensors if i in self.masters], written)
         for i, p in self.tensors:
-            if i in self.keys:
-                continue
-            if i in self.masters:
-                if written != before:
-                    self._write_from_master(i, p, written)
-            elif delta and self.in_place:  # MeZO in place: every move rounds
+            if delta and self.in_place and i not in self.keys:  # MeZO in place: every move rounds
                 for start, z in dense_noise(p.numel(), self._seed(i), p.device, self.chunk):
                     p.data.view(-1)[start : start + len(z)].add_(z, alpha=delta * self.eps)
         self.position = position
@@ -373,9 +372,24 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _noise(self, i, numel, device, directions, step=None):
         """(start, {direction: z}) chunk by chunk: tensor i's dense z of each of `directions`, in step."""
         directions = sorted(set(directions))
-        streams = [dense_noise(numel, self._seed(i, step, k), device, self.chunk) for k in directions]
+        streams = [self._stream(numel, self._seed(i, step, k), device) for k in directions]
         for chunks in zip(*streams, strict=True):
             yield chunks[0][0], {k: z for k, (_, z) in zip(directions, chunks, strict=True)}
+
+    def _stream(self, numel, seed, device):
+        """dense_noise(numel, seed, …), kept until the step ends for a small tensor: a vector's z is drawn
+        once a step instead of at each move and at the update (a launch each on a GPU, for every norm and
+        bias)."""
+        if not self._small(numel):
+            return dense_noise(numel, seed, device, self.chunk)
+        if seed not in self.small_z:
+            self.small_z[seed] = next(dense_noise(numel, seed, device, self.chunk))[1]
+        return [(0, self.small_z[seed])]
+
+    def _small(self, numel):
+        """Whether a tensor of `numel` numbers is a small one (a norm, a bias: one chunk of at most SMALL),
+        whose z is kept for the step and which moves and updates with the others together."""
+        return numel <= min(SMALL, self.chunk)
 
     def perturbed(self, i, weights, evaluations, outs=None):
         """[round(W + s·εz_k) for each (k, s) of `evaluations`] of tensor i (W: its master where it has
@@ -409,12 +423,26 @@ class ZOOptimizer(torch.optim.Optimizer):
                     yield slice(first, first + filled // n), [block[:filled].view(-1, n) for block in blocks]
                     first, filled = first + filled // n, 0
 
-    def _write_from_master(self, i, p, position):
-        """p ← master + position·εz, rounded to p's dtype once."""
+    def _write_from_masters(self, tensors, position):
+        """p ← master + position·εz of each (i, p) of `tensors`, rounded to p's dtype once: the small ones
+        (LOZO's vectors: norms, biases) in two multi-tensor operations."""
+        if not tensors:
+            return
         if position == 0:
-            p.data.copy_(self.masters[i])
-        else:
-            self.perturbed(i, p.data, [(self.query, position)], outs=[p.data])  # (reads the master)
+            torch._foreach_copy_([p.data for _, p in tensors], [self.masters[i] for i, _ in tensors])
+            return
+        for i, p in tensors:
+            if not self._small(p.numel()):
+                self.perturbed(i, p.data, [(self.query, position)], outs=[p.data])  # (reads the master)
+        small = [(i, p) for i, p in tensors if self._small(p.numel())]
+        if small:
+            zs = [self._noise_of(i, p) for i, p in small]
+            written = torch._foreach_add([self.masters[i] for i, _ in small], zs, alpha=position * self.eps)
+            torch._foreach_copy_([p.data for _, p in small], written)
+
+    def _noise_of(self, i, p):
+        """Tensor i's z at this step and direction, of p's shape (a small tensor's, kept for the step)."""
+        return next(self._noise(i, p.numel(), p.device, [self.query]))[1][self.query].view(p.shape)
 
     def set_projected_grad(self, projected_grad):
         self.projected_grad = projected_grad
@@ -442,12 +470,13 @@ class ZOOptimizer(torch.optim.Optimizer):
             keys = [key for i in indices for key in self.keys.get(i, ())]
             directions = self._low_rank_directions(keys, self._projected_Us(keys, gs), finite)
             update_all([self.matrices[key] for key in keys], directions, lr, decay)
-            for i, p in zip(indices, group["params"], strict=True):
-                if i not in self.keys:
-                    self._step_dense(i, p, gs, lr, decay, restore, finite)
+            dense = [(i, p) for i, p in zip(indices, group["params"], strict=True) if i not in self.keys]
+            for batch in self._batches(dense):
+                self._step_dense(batch, gs, lr, decay, restore, finite)
         self.zo_step += 1
         self.projected_grad = None
         self.position = 0
+        self.small_z = {}
 
     def _projected_Us(self, keys, gs):
         """g·U of each matrix of `keys`, or with several directions the average of their g_k·U_k (all under
@@ -466,19 +495,20 @@ class ZOOptimizer(torch.optim.Optimizer):
         Us = self.matrices[key].Us
         return Us if len(Us) == queries else [self._U(key, k) for k in range(queries)]
 
-    def _dense_direction(self, i, p, gs):
-        """(start, d, g) chunk by chunk: the step's direction over the chunk is g·d, z and g for one
-        direction, the average of g_k·z_k (and g = 1) for several."""
-        chunks = self._noise(i, p.numel(), p.device, range(len(gs)), step=self.zo_step)
-        if len(gs) == 1:
-            yield from ((start, zs[0], gs[0]) for start, zs in chunks)
-            return
-        average = torch.empty(min(self.chunk, p.numel()), dtype=torch.float32, device=p.device)
-        for start, zs in chunks:
-            d = torch.mul(zs[0], gs[0] / len(gs), out=average[: len(zs[0])])
+    def _dense_directions(self, batch, gs):
+        """(start, ds, g) chunk by chunk over the tensors (i, p) of `batch` (one, or small ones of one chunk
+        each): the step's direction over each tensor's chunk is g·d, z and g for one direction, the average
+        of g_k·z_k (and g = 1) for several."""
+        streams = [self._noise(i, p.numel(), p.device, range(len(gs)), step=self.zo_step) for i, p in batch]
+        for chunks in zip(*streams, strict=True):
+            start, zs = chunks[0][0], [z for _, z in chunks]
+            if len(gs) == 1:
+                yield start, [z[0] for z in zs], gs[0]
+                continue
+            ds = torch._foreach_mul([z[0] for z in zs], gs[0] / len(gs))
             for k, g in enumerate(gs[1:], 1):
-                d.add_(zs[k], alpha=g / len(gs))
-            yield start, d, 1.0
+                torch._foreach_add_(ds, [z[k] for z in zs], alpha=g / len(gs))
+            yield start, ds, 1.0
 
     def _low_rank_directions(self, keys, gUs, finite):
         """g·U of each matrix, or for LOZO-M its momentum N ← βN + (1−β)·g·U, started at N₀ = g₀U₀ as the
@@ -499,46 +529,62 @@ class ZOOptimizer(torch.optim.Optimizer):
             for key, gU in zip(keys, gUs, strict=True)
         ]
 
-    def _step_dense(self, i, p, gs, lr, decay, restore, finite):
-        """One pass, W ← decay·W − η(g·z or m): on the master (then copied into the weights), on the weights
+    def _batches(self, tensors):
+        """`tensors` ((i, p) pairs) in the batches `_step_dense` takes: the small ones with a master (LOZO's
+        vectors) together (as many as have momentum, and as many as have none yet), any other alone."""
+        batches = {}
+        for i, p in tensors:
+            together = i in self.masters and self._small(p.numel())
+            batches.setdefault((i in self.momentum,) if together else i, []).append((i, p))
+        return list(batches.values())
+
+    def _step_dense(self, batch, gs, lr, decay, restore, finite):
+        """One pass, W ← decay·W − η(g·z or m), over each (i, p) of `batch` (one tensor, or small ones with a
+        master: in multi-tensor operations): on the master (then copied into the weights), on the weights
         in place (undoing the perturbation too), or for a tensor perturbed module by module on the weights
         computed in float32 and rounded once, stochastically in half precision (rounding to nearest would
         drop every update under half a unit in the last place, most of MeZO's at lr 1e-6 in bf16), or
         with a compensation buffer to nearest, the rounding error carried into the next update."""
+        i, p = batch[0]  # (what decides how a batch is updated, its tensors share)
         first = self.beta is not None and i not in self.momentum and finite
-        if first:  # m₀ = g₀z₀, as N₀ = g₀U₀
-            self.momentum[i] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-        momentum = self.momentum.get(i)  # only LOZO-M / MeZO with momentum keep any
-        master = self.masters.get(i)
-        weights = (p.data if master is None else master).view(-1)
+        for j, q in batch if first else ():  # m₀ = g₀z₀, as N₀ = g₀U₀
+            self.momentum[j] = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        # Only LOZO-M / MeZO with momentum keep any.
+        momenta = [self.momentum[j].view(-1) for j, _ in batch] if i in self.momentum else None
+        master = i in self.masters
+        weights = [(self.masters[j] if master else q.data).view(-1) for j, q in batch]
         back = decay * restore * self.eps if self.in_place else 0.0  # in place: undo the perturbation too
-        rounded = master is None and not self.in_place and p.dtype != torch.float32
+        rounded = not master and not self.in_place and p.dtype != torch.float32
         compensation = self.compensation.get(i)
         generator = self._rounding(i) if rounded and compensation is None else None
-        for start, z, g in self._dense_direction(i, p, gs):
-            stored = weights[start : start + len(z)]
-            w = stored.float() if rounded else stored
-            if compensation is not None:
-                carried = compensation.view(-1)[start : start + len(z)]
-                w.add_(carried)
+        for start, zs, g in self._dense_directions(batch, gs):
+            stored = [w[start : start + len(z)] for w, z in zip(weights, zs, strict=True)]
+            ws = [s.float() for s in stored] if rounded else stored
+            if compensation is not None:  # (a batch of one)
+                carried = compensation.view(-1)[start : start + len(zs[0])]
+                ws[0].add_(carried)
             if decay != 1.0:
-                w.mul_(decay)
-            if momentum is None:
-                w.add_(z, alpha=back - lr * g)
+                torch._foreach_mul_(ws, decay)
+            if momenta is None:
+                torch._foreach_add_(ws, zs, alpha=back - lr * g)
             else:
-                m = momentum.view(-1)[start : start + len(z)]
+                ms = [m[start : start + len(z)] for m, z in zip(momenta, zs, strict=True)]
                 if finite:
-                    m.mul_(self.beta).add_(z, alpha=g if first else (1 - self.beta) * g)
+                    torch._foreach_mul_(ms, self.beta)
+                    torch._foreach_add_(ms, zs, alpha=g if first else (1 - self.beta) * g)
                 if back:
-                    w.add_(z, alpha=back)
-                w.add_(m, alpha=-lr)
+                    torch._foreach_add_(ws, zs, alpha=back)
+                torch._foreach_add_(ws, ms, alpha=-lr)
             if compensation is not None:
-                stored.copy_(w)
-                carried.copy_(w.sub_(stored))  # (w − round(w) is exact in float32)
+                stored[0].copy_(ws[0])
+                carried.copy_(ws[0].sub_(stored[0]))  # (w − round(w) is exact in float32)
             elif rounded:
-                round_into(stored, w, generator)
-            elif master is not None:
-                p.data.view(-1)[start : start + len(z)].copy_(w)
+                round_into(stored[0], ws[0], generator)  # (a batch of one)
+            elif master:
+                written = [
+                    q.data.view(-1)[start : start + len(z)] for (_, q), z in zip(batch, zs, strict=True)
+                ]
+                torch._foreach_copy_(written, ws)
 
     @torch.no_grad()
     def settle(self):

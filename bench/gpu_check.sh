@@ -2,9 +2,9 @@
 # The half-precision checks that need a GPU, in one go (planned to take under 8 minutes on one GPU), after
 # `bash install.sh`: the CUDA tests (drift at lr 0 through training, checkpoints and resume in fp16 and
 # bf16; the side path and merges on CUDA), drift at lr 0 of real SmolLM2 weights in fp16 and bf16 on
-# CUDA, the side path of zoo models in fp16 and bf16, its cost at the launch-bound shape (batch 1×8), and
-# the step benchmark for the OPT-125m and OPT-1.3b shapes in fp16 (two passes and the batched pair), and
-# MeZO's chunks of dense noise at the OPT-6.7b shape.
+# CUDA, the side path of zoo models in fp16 and bf16 and its cost at the launch-bound shape (batch 1×8),
+# the kernels of LOZO's moves and update, the step benchmark for the OPT-125m and OPT-1.3b shapes in fp16
+# (two passes and the batched pair), and MeZO's chunks of dense noise at the OPT-6.7b shape.
 # Everything it writes lands in result/gpu_check/ (OUT overrides), with the log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,8 @@ mkdir -p "$OUT"
 export LOZO_DATA_DIR=${LOZO_DATA_DIR:-$(cd .. && pwd)/shared/data}
 {
     nvidia-smi -L
-    python -m pytest -q -m cuda tests/test_half_precision.py tests/test_model_zoo.py tests/test_mezo_memory.py
+    python -m pytest -q -m cuda tests/test_half_precision.py tests/test_model_zoo.py tests/test_mezo_memory.py \
+        tests/test_side_path.py
     for shape in opt-125m opt-1.3b; do
         python bench/side_path.py --model "shape:$shape" --device cuda --dtype float16 --batch 1 --seq 8 \
             --out "$OUT/side_path-$shape-cuda-float16.json"

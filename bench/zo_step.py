@@ -24,9 +24,10 @@ Every timed step is followed by one timed forward pass in the same process ("for
 the ratio to two forwards divides by that, so a shared machine's load, which slows both, cancels out;
 the top-level "forward_s" is the fresh "forward" process's own. For the project's ZO methods
 "weight_passes_s" times the step without its forward passes (draw the directions, move to θ+εZ and
-θ−εZ, update): what the method adds to two forwards besides the side path inside them. MeZO's default
-step is also timed alternately with its in-place step in one process ("over_in_place"; the in-place step on
-a second copy of the model, loaded after the peak-memory sampling).
+θ−εZ, update): what the method adds to two forwards besides the side path inside them, and
+"weight_passes_ops" counts their operations (views and allocations aside: on a GPU, a kernel launch each
+or more). MeZO's default step is also timed alternately with its in-place step in one process
+("over_in_place"; the in-place step on a second copy of the model, loaded after the peak-memory sampling).
 --profile adds one step of each method under torch.profiler ("profile": its top operations by self time,
 with their calls: for MeZO the draws, aten::normal_).
 Peak memory: the highest resident set size sampled during the timed steps (CPU), or
@@ -49,7 +50,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from utils import paired, portable  # noqa: E402
+from utils import CountedOperations, paired, portable  # noqa: E402
 from zo_optimizer import CHUNK, PAIR  # noqa: E402
 
 SHAPES = {  # OPTConfig values of the released checkpoints; weights are random
@@ -322,6 +323,9 @@ def run_worker(opts):
         result["weight_passes_s"] = statistics.median(
             timed(weight_passes, synchronized) for _ in range(opts.steps)
         )
+        with CountedOperations() as counted:
+            weight_passes()
+        result["weight_passes_ops"] = len(counted.names)
     if opts.profile:
         result["profile"] = profile_step(run_step, synchronized)
     if optimizer is not None and optimizer.matrices:  # one pass writing all unmerged periods into the weights

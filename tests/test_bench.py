@@ -45,6 +45,7 @@ def test_zo_step_benchmark_reports_each_method(tiny_opt_dir, data_dir, tmp_path)
     with_passes = {name for name, method in report["methods"].items() if "weight_passes_s" in method}
     assert with_passes == {"LOZO-r4", "MeZO", "MeZO-chunk20"}
     assert all(0 < report["methods"][name]["weight_passes_s"] for name in with_passes)
+    assert all(0 < report["methods"][name]["weight_passes_ops"] for name in with_passes)
     # MeZO's default step is also timed against its in-place step, alternated in one process.
     mezo = report["methods"]["MeZO"]
     assert mezo["over_in_place"] == mezo["alternated"]["default_s"] / mezo["alternated"]["in_place_s"]
