@@ -293,9 +293,7 @@ class DensePath:
         i = self.tensors[id(module.weight)]
         for rows, blocks in self.optimizer.perturbed_rows(i, module.weight.data, evaluations):
             for (flat, rows_out), block in zip(parts, blocks, strict=True):
-                hit = (flat >= rows.start) & (flat < rows.stop)
-                if hit.any():
-                    rows_out[hit] = block[flat[hit] - rows.start]
+                place_rows(rows_out, flat, rows, block)
         return out
 
     # ---- the watched first perturbed forward ----
@@ -331,6 +329,23 @@ class DensePath:
             f"cannot perturb {name} module by module: {module} reads it with {reader} outside the module "
             f"that owns it; {way_out}"
         )
+
+
+# Devices that place an embedding's rows without counting the ids a block holds (see `place_rows`).
+GATHERING_DEVICES = {"cuda"}
+
+
+def place_rows(out, ids, rows, block):
+    """out[j] ← block[ids[j] − rows.start] for each j whose id falls in `rows` (a block of an embedding's
+    rows). A CPU indexes the ids that do; a GPU would wait for itself to count them (twice a block), so it
+    gathers a row for every id (clamped into the block) and keeps those that fall in it."""
+    hit = (ids >= rows.start) & (ids < rows.stop)
+    if ids.device.type not in GATHERING_DEVICES:
+        if hit.any():
+            out[hit] = block[ids[hit] - rows.start]
+        return
+    gathered = block[(ids - rows.start).clamp_(0, len(block) - 1)]
+    out.copy_(torch.where(hit.unsqueeze(-1), gathered, out))
 
 
 class UnswappedReads(TorchFunctionMode):

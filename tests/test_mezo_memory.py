@@ -68,13 +68,19 @@ def test_a_weight_read_outside_its_module_is_refused_with_the_ways_out():
     model(torch.tensor([[1, 2]]))  # a float32 master perturbs the weights themselves: any read sees it
 
 
+@pytest.mark.parametrize("gathering", [False, True], ids=["indexing", "gathering"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.no_grad()
-def test_large_linear_and_embedding_layers_are_perturbed_block_by_block(dtype, tiny_opt_dir, monkeypatch):
+def test_large_linear_and_embedding_layers_are_perturbed_block_by_block(
+    dtype, gathering, tiny_opt_dir, monkeypatch
+):
     """Above dense_path.BLOCKED_ABOVE elements (here every Linear and Embedding), a layer's weight is never
     copied whole: its rows are perturbed a block at a time (blocks that do not fall on chunk boundaries of the
-    noise stream), with the same z: the logits are those of a copy holding round(W ± εz)."""
+    noise stream), with the same z: the logits are those of a copy holding round(W ± εz). An embedding's
+    rows are placed as a CPU places them (indexing the ids a block holds) and as a GPU does (gathering a row
+    for every id, keeping those of the block: no wait for the device)."""
     monkeypatch.setattr(dense_path, "BLOCKED_ABOVE", 0)
+    monkeypatch.setattr(dense_path, "GATHERING_DEVICES", {"cuda", "cpu"} if gathering else {"cuda"})
     monkeypatch.setattr(zo_optimizer, "CHUNK", 1000)  # blocks of 62 rows of 16, noise chunks of 1000 numbers
     model = AutoModelForCausalLM.from_pretrained(tiny_opt_dir, dtype=dtype).eval()
     plain = AutoModelForCausalLM.from_pretrained(tiny_opt_dir, dtype=dtype).eval()

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from zoo import perturbed_steps
 
+import dense_path
 from utils import CountedOperations, UsageError
 from zo_optimizer import PAIR, ZOOptimizer
 
@@ -250,15 +251,26 @@ def test_a_gpu_moves_and_updates_all_tensors_in_a_few_kernels(dtype):
 
 @pytest.mark.parametrize(
     "settings",
-    [dict(low_rank=True), dict(low_rank=True, momentum=0.9), {}, dict(batched_pair=True, queries=2)],
-    ids=["LOZO", "LOZO-M", "MeZO", "MeZO-pair-q2"],
+    [
+        dict(low_rank=True),
+        dict(low_rank=True, momentum=0.9),
+        {},
+        dict(batched_pair=True, queries=2),
+        dict(blocked=True),
+    ],
+    ids=["LOZO", "LOZO-M", "MeZO", "MeZO-pair-q2", "MeZO-blocked"],
 )
 @torch.no_grad()
-def test_a_zo_step_reads_nothing_back_from_the_device(settings, tiny_llama_dir):
+def test_a_zo_step_reads_nothing_back_from_the_device(settings, tiny_llama_dir, monkeypatch):
     """Drawing the directions, the forwards at θ±εZ, the update and new V periods never turn a tensor into a
     Python value: on a GPU each such read would stall the step (LOZO asked every matrix whether its update
     was zero at each move). Only a merge, every merge_periods periods, asks whether its factors are. At lr 0
-    LOZO's side path stays off."""
+    LOZO's side path stays off. MeZO-blocked: every Linear and Embedding perturbed by blocks of rows, an
+    embedding's rows placed as on a GPU (dense_path.place_rows)."""
+    settings = dict(settings)
+    if settings.pop("blocked", False):
+        monkeypatch.setattr(dense_path, "BLOCKED_ABOVE", 0)
+        monkeypatch.setattr(dense_path, "GATHERING_DEVICES", {"cuda", "cpu"})
     ids = torch.tensor([[1, 5, 9, 2], [3, 4, 8, 7]])
     for lr in (1e-6, 0.0):
         model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
