@@ -272,10 +272,6 @@ class LowRankMatrix:
         self.active = position != 0 or self.used > 0 or self.updated or self.scale != 1.0
         self._views()
 
-    def update(self, direction, lr, decay):
-        """Effective weight ← decay · effective weight − lr · direction · Vᵀ, back at position 0."""
-        update_all([self], [direction], lr, decay)
-
     def merge(self, generator, current):
         """W ← scale·(W + A_old·V_oldᵀ (+ C·Vᵀ with `current`)), rounded once, row block by row block. The
         merged factors restart from zero."""
@@ -397,7 +393,8 @@ def move_all(matrices, position):
 
 
 def update_all(matrices, directions, lr, decay):
-    """`update` of each of `matrices` along its direction (m×r), in multi-tensor operations (`move_all`)."""
+    """Effective weight ← decay · effective weight − lr · direction · Vᵀ for each of `matrices` and its
+    direction (m×r), back at position 0, in multi-tensor operations (see `move_all`)."""
     for matrix in matrices:
         matrix.scale *= decay
         matrix.updated = matrix.updated or lr != 0
