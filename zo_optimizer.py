@@ -356,8 +356,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         move_all(list(self.matrices.values()), position)
         if written != before:
             self._write_from_masters([(i, p) for i, p in self.tensors if i in self.masters], written)
-        for i, p in self.tensors:
-            if delta and self.in_place and i not in self.keys:  # MeZO in place: every move rounds
+        for i, p in self.tensors if delta else ():  # MeZO in place: every move rounds
+            if i not in self.keys:
                 for start, z in dense_noise(p.numel(), self._seed(i), p.device, self.chunk):
                     p.data.view(-1)[start : start + len(z)].add_(z, alpha=delta * self.eps)
         self.position = position
@@ -431,18 +431,14 @@ class ZOOptimizer(torch.optim.Optimizer):
         if position == 0:
             torch._foreach_copy_([p.data for _, p in tensors], [self.masters[i] for i, _ in tensors])
             return
+        small = [(i, p) for i, p in tensors if self._small(p.numel())]
         for i, p in tensors:
             if not self._small(p.numel()):
                 self.perturbed(i, p.data, [(self.query, position)], outs=[p.data])  # (reads the master)
-        small = [(i, p) for i, p in tensors if self._small(p.numel())]
         if small:
-            zs = [self._noise_of(i, p) for i, p in small]
+            zs = [self._stream(p.numel(), self._seed(i), p.device)[0][1].view(p.shape) for i, p in small]
             written = torch._foreach_add([self.masters[i] for i, _ in small], zs, alpha=position * self.eps)
             torch._foreach_copy_([p.data for _, p in small], written)
-
-    def _noise_of(self, i, p):
-        """Tensor i's z at this step and direction, of p's shape (a small tensor's, kept for the step)."""
-        return next(self._noise(i, p.numel(), p.device, [self.query]))[1][self.query].view(p.shape)
 
     def set_projected_grad(self, projected_grad):
         self.projected_grad = projected_grad
