@@ -175,12 +175,31 @@ def runs():
             if lr is not None:  # its wall time with a step's 2q evaluations as one forward
                 argv = [*zo_run(task, method, 0, lr, queries=QUERIES), "--zo_batched_pair"]
                 planned.append((f"{method}-q{QUERIES}-pair-{task}-seed0", argv))
+                planned += timed_runs(task, method, lr)
         lr = chosen_lr(task, "MeZO") if task in PRECISION_TASKS else None
         for seed in PRECISION_SEEDS if lr is not None else ():
             for variant, precision in PRECISIONS.items():
                 argv = zo_run(task, "MeZO", seed, lr, precision=precision)
                 planned.append((f"MeZO-{variant}-{task}-seed{seed}", argv))
     return planned
+
+
+def timed_runs(task, method, lr):
+    """Seed 0's run with several directions, as separate forwards and with the batched pair, once more each:
+    the two run side by side on one machine, one thread each, so that their wall times compare:
+
+        python bench/study.py run --only LOZO-q4-SST2-seed0-timed --threads 1 &
+        python bench/study.py run --only LOZO-q4-pair-SST2-seed0-timed --threads 1
+    """
+    argv = zo_run(task, method, 0, lr, queries=QUERIES)
+    return [
+        (timed(method, task, ""), argv),
+        (timed(method, task, "-pair"), [*argv, "--zo_batched_pair"]),
+    ]
+
+
+def timed(method, task, variant):
+    return f"{method}-q{QUERIES}{variant}-{task}-seed0-timed"
 
 
 def run_one(name, argv, opts):
@@ -484,29 +503,43 @@ def queries_table():
         lines += [
             "",
             f"Wall time of seed 0's {QUERIES}-direction run with a step's {evaluations} evaluations as one "
-            f"forward of the batch {evaluations} times (`--zo_batched_pair`) and as {evaluations} forwards, "
-            "on the same kind of machine:",
+            f"forward of the batch {evaluations} times (`--zo_batched_pair`) and as {evaluations} forwards: "
+            "the two runs once more, started together on one machine, one thread each (training includes "
+            "its dev evaluations; the whole run adds loading and the final evaluation):",
             "",
-            f"| task | method | {evaluations} forwards | one forward of {evaluations}B rows "
+            f"| task | method | training, {evaluations} forwards | training, one forward of "
+            f"{evaluations}B rows | one / separate | whole run (separate / one) "
             "| accuracy (separate / one) |",
-            "|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|",
             *pair_rows,
         ]
     return lines
 
 
 def pair_row(task, method):
-    names = [f"{method}-q{QUERIES}{variant}-{task}-seed0" for variant in ("", "-pair")]
+    """The timed runs (timed_runs) with and without the batched pair: training time (dev evaluations
+    included) and the whole run's (with the final evaluation, the same for both)."""
+    names = [timed(method, task, variant) for variant in ("", "-pair")]
     paths = [DOCS / "results" / f"{name}.json" for name in names]
     if not all(path.exists() for path in paths):
         return None
     runs = [read_result(path) for path in paths]
-    minutes = [wall_time(name, run)[0] for name, (_, run) in zip(names, runs, strict=True)]
     accuracy = " / ".join(f"{100 * metrics['accuracy']:.1f}" for metrics, _ in runs)
     machines = [machines_of(name) for name in names]
     if machines[0] != machines[1]:  # a wall time compares with another only on the same kind of machine
-        return f"| {task} | {method} | not comparable: {machines[0]} / {machines[1]} | | {accuracy} |"
-    return f"| {task} | {method} | {minutes[0]:.0f} min | {minutes[1]:.0f} min | {accuracy} |"
+        return f"| {task} | {method} | not comparable: {machines[0]} / {machines[1]} | | | | {accuracy} |"
+    training = [train_runtime(name) / 60 for name in names]
+    whole = " / ".join(f"{wall_time(name, run)[0]:.1f}" for name, (_, run) in zip(names, runs, strict=True))
+    return (
+        f"| {task} | {method} | {training[0]:.1f} min | {training[1]:.1f} min | "
+        f"{training[1] / training[0]:.2f} | {whole} min | {accuracy} |"
+    )
+
+
+def train_runtime(name):
+    """Seconds a finished run trained (HF's train_runtime: its last attempt), from its log."""
+    history = json.loads((DOCS / "logs" / f"{name}.json").read_text())
+    return next(entry["train_runtime"] for entry in history if "train_runtime" in entry)
 
 
 def machines_of(name):

@@ -92,8 +92,11 @@ def test_several_directions_run_at_equal_forward_passes_and_the_chosen_rate(empt
         write_result(empty_study, study.selection("SST2", "MeZO", lr), dev=0.7 if lr == 1e-5 else 0.6)
     planned = dict(study.runs())
     expected = [f"MeZO-q4-SST2-seed{s}" for s in study.SEEDS] + ["MeZO-q4-pair-SST2-seed0"]
+    expected += ["MeZO-q4-SST2-seed0-timed", "MeZO-q4-pair-SST2-seed0-timed"]  # once more, side by side
     assert [name for name in planned if "-q4-" in name] == expected
     assert planned["MeZO-q4-pair-SST2-seed0"] == [*planned["MeZO-q4-SST2-seed0"], "--zo_batched_pair"]
+    assert planned["MeZO-q4-SST2-seed0-timed"] == planned["MeZO-q4-SST2-seed0"]
+    assert planned["MeZO-q4-pair-SST2-seed0-timed"] == planned["MeZO-q4-pair-SST2-seed0"]
     argv = planned["MeZO-q4-SST2-seed1"]
     option = {key: argv[argv.index(key) + 1] for key in ("--max_steps", "--zo_queries", "--learning_rate")}
     assert option == {"--max_steps": str(study.STEPS // 4), "--zo_queries": "4", "--learning_rate": "1e-05"}
@@ -300,14 +303,20 @@ def zip_bytes():
 
 
 def test_wall_times_compare_only_on_the_same_kind_of_machine(empty_study):
-    """The batched pair's wall-time row puts two runs side by side only when they ran on the same machines;
-    the precision table pairs MeZO's bf16 and float32 accuracies by seed."""
-    names = ["MeZO-q4-SST2-seed0", "MeZO-q4-pair-SST2-seed0"]
-    for name in names:
-        write_result(empty_study, name, dev=0.7, accuracy=0.7)
-    times = {name: {"seconds": 600.0, "attempts": 1, "machines": ["CPU A, bf16 unit"]} for name in names}
+    """The batched pair's wall-time row compares the timed runs' training times (from their logs) and whole
+    runs only when they ran on the same machines; the precision table pairs MeZO's bf16 and float32
+    accuracies by seed."""
+    names = ["MeZO-q4-SST2-seed0-timed", "MeZO-q4-pair-SST2-seed0-timed"]
+    assert study.pair_row("SST2", "MeZO") is None  # not run yet
+    (empty_study / "logs").mkdir()
+    for name, accuracy, trained in zip(names, (0.7, 0.69), (600.0, 480.0), strict=True):
+        write_result(empty_study, name, dev=0.7, accuracy=accuracy)
+        history = [{"loss": 0.7, "step": 10}, {"train_runtime": trained, "step": 250}]
+        (empty_study / "logs" / f"{name}.json").write_text(json.dumps(history))
+    times = {name: {"seconds": 720.0, "attempts": 1, "machines": ["CPU A, bf16 unit"]} for name in names}
     (empty_study / "wall_times.json").write_text(json.dumps(times))
-    assert study.pair_row("SST2", "MeZO") == "| SST2 | MeZO | 10 min | 10 min | 70.0 / 70.0 |"
+    row = "| SST2 | MeZO | 10.0 min | 8.0 min | 0.80 | 12.0 / 12.0 min | 70.0 / 69.0 |"
+    assert study.pair_row("SST2", "MeZO") == row
     times[names[1]]["machines"] = ["CPU B, float32 products"]
     (empty_study / "wall_times.json").write_text(json.dumps(times))
     assert "not comparable: CPU A, bf16 unit / CPU B, float32 products" in study.pair_row("SST2", "MeZO")
