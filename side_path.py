@@ -23,6 +23,7 @@ side path cannot follow (or a matrix the forward never reads) is a one-line erro
 reading module and the way out. Later forwards run only the hooks the watched one showed to be needed.
 """
 
+import itertools
 import logging
 
 import torch
@@ -95,6 +96,32 @@ def round_into(out, values, generator):
     return out.copy_(stochastic_round_by_neighbours(values, out.dtype, generator))
 
 
+def float_copies(tensors):
+    """float32 copies of `tensors` (of one dtype), as views of one buffer in which each starts at a multiple
+    of 4 numbers: `round_all_into` rounds them all at once, each with the random bits it would draw alone.
+    (A buffer's padding between copies is never read back.)"""
+    sizes = [t.numel() for t in tensors]
+    starts = [0, *itertools.accumulate(4 * ((n + 3) // 4) for n in sizes)]
+    buffer = torch.empty(starts[-1], dtype=torch.float32, device=tensors[0].device)
+    copies = [buffer[a : a + n].view(t.shape) for a, n, t in zip(starts[:-1], sizes, tensors, strict=True)]
+    torch._foreach_copy_(copies, tensors)
+    return copies
+
+
+def round_all_into(outs, copies, generators):
+    """round_into(out, copy, generator) of each of `outs`, for `copies` made by `float_copies`: in bf16 and
+    fp16 a few operations over their buffer (and a draw of random bits each), on a GPU a few launches for
+    many small tensors (a model's norms and biases) instead of ten for each."""
+    if len(copies) == 1 or outs[0].dtype not in CUT_BITS:
+        for out, values, generator in zip(outs, copies, generators, strict=True):
+            round_into(out, values, generator)
+        return
+    buffer = copies[0]._base
+    starts = [values.storage_offset() - copies[0].storage_offset() for values in copies]
+    stochastic_round_bits_(buffer, outs[0].dtype, generators, starts)
+    torch._foreach_copy_(outs, copies)
+
+
 def stochastic_round_by_neighbours(values, dtype, generator):
     """The general rule: each value's two neighbours in `dtype` and a uniform draw between them."""
     nearest = values.to(dtype)
@@ -111,7 +138,7 @@ CUT_BITS = {torch.bfloat16: 16, torch.float16: 13}
 FLOAT16_SMALLEST_NORMAL = 2.0**-14
 
 
-def stochastic_round_bits_(values, dtype, generator):
+def stochastic_round_bits_(values, dtype, generator, starts=(0,)):
     """`values` (contiguous float32) made exact in `dtype` (bf16 or fp16) in place, rounded stochastically:
     adding c uniform random bits to the c bits `dtype` cuts from a float32 (CUT_BITS) and then cutting them
     rounds the magnitude up with probability equal to the cut fraction, and converting the result is exact.
@@ -119,14 +146,18 @@ def stochastic_round_bits_(values, dtype, generator):
     a value under 2⁻¹⁴ is moved there by ±2⁻¹⁴, rounded, and moved back (exact, but for the float32 rounding
     of the first move: 2⁻¹⁴ of a spacing at most). The random bits come as full-range 64-bit draws, four
     weights' to a draw (3x cheaper on a CPU than 32-bit draws of a range), and nothing here waits for a GPU:
-    MeZO's update rounds every weight at every step."""
+    MeZO's update rounds every weight at every step. With several `generator`s, the parts of `values` from
+    each of `starts` (multiples of 4) to the next take their bits from one each, as each would alone."""
     bits, n, cut = values.view(torch.int32), values.numel(), CUT_BITS[dtype]
     offset = None
     if dtype == torch.float16:  # ±2⁻¹⁴ (the value's sign) where |value| < 2⁻¹⁴, else 0; in place, one buffer
         offset = values.abs().lt_(FLOAT16_SMALLEST_NORMAL).mul_(FLOAT16_SMALLEST_NORMAL)
         values.add_(torch.copysign(offset, values, out=offset))
     draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=values.device)
-    draws.random_(-(1 << 63), None, generator=generator)  # from the lowest int64 to the top: all 64 bits
+    generators = generator if isinstance(generator, list) else [generator]
+    for generator, start, end in zip(generators, starts, [*starts[1:], n], strict=True):
+        # from the lowest int64 to the top: all 64 bits
+        draws[start // 4 : (end + 3) // 4].random_(-(1 << 63), None, generator=generator)
     noise = torch.empty(values.shape, dtype=torch.int32, device=values.device)
     noise.copy_(draws.view(torch.int16)[:n].view(values.shape)).bitwise_and_((1 << cut) - 1)  # c bits
     bits.add_(noise).bitwise_and_(-(1 << cut))

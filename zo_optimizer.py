@@ -43,8 +43,9 @@ from side_path import (
     PairBatch,
     SidePath,
     as_rows,
+    float_copies,
     move_all,
-    round_into,
+    round_all_into,
     update_all,
 )
 from utils import UsageError
@@ -526,17 +527,19 @@ class ZOOptimizer(torch.optim.Optimizer):
         ]
 
     def _batches(self, tensors):
-        """`tensors` ((i, p) pairs) in the batches `_step_dense` takes: the small ones with a master (LOZO's
-        vectors) together (as many as have momentum, and as many as have none yet), any other alone."""
+        """`tensors` ((i, p) pairs) in the batches `_step_dense` takes: the small ones (norms, biases)
+        together where they are updated alike (with a master or not, with momentum or none yet, of one
+        dtype), but for a compensation buffer's; any other alone."""
         batches = {}
         for i, p in tensors:
-            together = i in self.masters and self._small(p.numel())
-            batches.setdefault((i in self.momentum,) if together else i, []).append((i, p))
+            together = self._small(p.numel()) and i not in self.compensation
+            alike = (i in self.masters, i in self.momentum, p.dtype, p.device) if together else i
+            batches.setdefault(alike, []).append((i, p))
         return list(batches.values())
 
     def _step_dense(self, batch, gs, lr, decay, restore, finite):
-        """One pass, W ← decay·W − η(g·z or m), over each (i, p) of `batch` (one tensor, or small ones with a
-        master: in multi-tensor operations): on the master (then copied into the weights), on the weights
+        """One pass, W ← decay·W − η(g·z or m), over each (i, p) of `batch` (one tensor, or small ones updated
+        alike: in multi-tensor operations): on the master (then copied into the weights), on the weights
         in place (undoing the perturbation too), or for a tensor perturbed module by module on the weights
         computed in float32 and rounded once, stochastically in half precision (rounding to nearest would
         drop every update under half a unit in the last place, most of MeZO's at lr 1e-6 in bf16), or
@@ -552,10 +555,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         back = decay * restore * self.eps if self.in_place else 0.0  # in place: undo the perturbation too
         rounded = not master and not self.in_place and p.dtype != torch.float32
         compensation = self.compensation.get(i)
-        generator = self._rounding(i) if rounded and compensation is None else None
+        generators = [self._rounding(j) for j, _ in batch] if rounded and compensation is None else None
         for start, zs, g in self._dense_directions(batch, gs):
             stored = [w[start : start + len(z)] for w, z in zip(weights, zs, strict=True)]
-            ws = [s.float() for s in stored] if rounded else stored
+            ws = float_copies(stored) if rounded else stored
             if compensation is not None:  # (a batch of one)
                 carried = compensation.view(-1)[start : start + len(zs[0])]
                 ws[0].add_(carried)
@@ -575,7 +578,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 stored[0].copy_(ws[0])
                 carried.copy_(ws[0].sub_(stored[0]))  # (w − round(w) is exact in float32)
             elif rounded:
-                round_into(stored[0], ws[0], generator)  # (a batch of one)
+                round_all_into(stored, ws, generators)
             elif master:
                 written = [
                     q.data.view(-1)[start : start + len(z)] for (_, q), z in zip(batch, zs, strict=True)

@@ -242,6 +242,26 @@ def test_float16_stochastic_rounding_is_unbiased_among_subnormals():
     assert ((draws.mean(0) - values.double()).abs() < 5 * 0.5 / 4000**0.5 * spacing).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_small_tensors_round_together_as_each_alone(dtype):
+    """MeZO's update rounds a model's norms and biases in one buffer (`float_copies`, `round_all_into`):
+    each tensor gets the bits it gets rounded alone, with its own generator, whatever its size; fp16's
+    subnormals included."""
+    sizes = [(5,), (16,), (3, 7), (1,), (64,)]
+    torch.manual_seed(0)
+    values = [torch.randn(size) * 2.0 ** torch.randint(-20, 2, size).float() for size in sizes]
+    alone = [torch.empty(size, dtype=dtype) for size in sizes]
+    for out, v, seed in zip(alone, values, range(len(sizes)), strict=True):
+        side_path.round_into(out, v.clone(), torch.Generator().manual_seed(seed))
+    together = [torch.empty(size, dtype=dtype) for size in sizes]
+    generators = [torch.Generator().manual_seed(seed) for seed in range(len(sizes))]
+    side_path.round_all_into(together, side_path.float_copies(values), generators)
+    for a, b in zip(alone, together, strict=True):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+    nearest = [v.to(dtype) for v in values]  # (the bits were drawn: some values rounded away from nearest)
+    assert any(not torch.equal(a, n) for a, n in zip(alone, nearest, strict=True))
+
+
 def replay(weights, dtype, lr, steps, **settings):
     params = [torch.nn.Parameter(w.to(dtype, copy=True)) for w in weights]
     start = [p.detach().float().clone() for p in params]
@@ -456,6 +476,7 @@ def test_mezo_updates_in_bf16_keep_the_update_in_expectation(lr, smollm2_layer, 
     reference = replay(smollm2_layer, torch.float32, lr, 300, low_rank=False)
     change = replay(smollm2_layer, torch.bfloat16, lr, 300, low_rank=False)
     assert 0.9 < kept_fraction(change, reference) < 1.1
-    monkeypatch.setattr(zo_optimizer, "round_into", lambda out, values, generator: out.copy_(values))
+    nearest_all = lambda outs, copies, generators: torch._foreach_copy_(outs, copies)  # noqa: E731
+    monkeypatch.setattr(zo_optimizer, "round_all_into", nearest_all)
     nearest = kept_fraction(replay(smollm2_layer, torch.bfloat16, lr, 300, low_rank=False), reference)
     assert nearest < 0.5

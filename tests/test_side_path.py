@@ -189,16 +189,19 @@ class HostReads(torch.overrides.TorchFunctionMode):
         dict(low_rank=True, momentum=0.9),
         dict(low_rank=True, queries=2),
         dict(master_weights=True, momentum=0.9),
+        {},
+        dict(momentum=0.9),
     ],
-    ids=["LOZO", "LOZO-M", "LOZO-q2", "MeZO-master-momentum"],
+    ids=["LOZO", "LOZO-M", "LOZO-q2", "MeZO-master-momentum", "MeZO", "MeZO-momentum"],
 )
 @torch.no_grad()
 def test_a_step_moves_and_updates_all_tensors_in_a_few_operations(settings, dtype):
-    """The moves to θ±εZ and back and the update take every LOZO matrix, and every small tensor with a
-    master (LOZO's norms and biases), in multi-tensor operations: as many for 24 matrices and 24 vectors as
-    for 3 and 3 (a few operations a tensor, three moves and an update a step, would bound a small model's
-    step on a GPU by its launches). Only the draws grow with them (U, and its copy into C's layout, for
-    each matrix and direction; a vector's z once a step), uncounted here."""
+    """The moves to θ±εZ and back and the update take every LOZO matrix, and every small tensor (LOZO's
+    norms and biases, and MeZO's: here its 16×8 matrices too), in multi-tensor operations: as many for 24
+    matrices and 24 vectors as for 3 and 3 (a few operations a tensor, three moves and an update a step,
+    would bound a small model's step on a GPU by its launches; MeZO's update in half precision made ten a
+    tensor). Only the draws grow with them (U, and its copy into C's layout, for each matrix and
+    direction; a vector's z once a step; the random bits of a stochastic rounding), uncounted here."""
 
     def operations(count):
         torch.manual_seed(0)
@@ -216,7 +219,7 @@ def test_a_step_moves_and_updates_all_tensors_in_a_few_operations(settings, dtyp
                     optimizer.move_to(-1)
                 optimizer.set_projected_grad(g if optimizer.queries == 1 else [g, -g])
                 optimizer.step()
-        draws = ("randn", "clone", "normal_")
+        draws = ("randn", "clone", "normal_", "random_")
         return [name for name in counted.names if name.split(".")[0] not in draws]
 
     few, many = operations(3), operations(24)
