@@ -527,15 +527,22 @@ class ZOOptimizer(torch.optim.Optimizer):
         ]
 
     def _batches(self, tensors):
-        """`tensors` ((i, p) pairs) in the batches `_step_dense` takes: the small ones (norms, biases)
-        together where they are updated alike (with a master or not, with momentum or none yet, of one
-        dtype), but for a compensation buffer's; any other alone."""
-        batches = {}
+        """`tensors` ((i, p) pairs) in the batches `_step_dense` takes: tensors of one chunk each (norms,
+        biases, a small model's matrices) packed in order into batches of up to a chunk in all where they
+        are updated alike (with a master or not, with momentum or none yet, of one dtype); any other alone
+        (a larger tensor, or one with a compensation buffer)."""
+        batches, filling = [], {}
         for i, p in tensors:
-            together = self._small(p.numel()) and i not in self.compensation
-            alike = (i in self.masters, i in self.momentum, p.dtype, p.device) if together else i
-            batches.setdefault(alike, []).append((i, p))
-        return list(batches.values())
+            if p.numel() > self.chunk or i in self.compensation:
+                batches.append([(i, p)])
+                continue
+            alike = (i in self.masters, i in self.momentum, p.dtype, p.device)
+            batch = filling.get(alike)
+            if batch is None or sum(q.numel() for _, q in batch) + p.numel() > self.chunk:
+                batch = filling[alike] = []
+                batches.append(batch)
+            batch.append((i, p))
+        return batches
 
     def _step_dense(self, batch, gs, lr, decay, restore, finite):
         """One pass, W ← decay·W − η(g·z or m), over each (i, p) of `batch` (one tensor, or small ones updated

@@ -277,8 +277,10 @@ def test_training_with_the_pair_takes_the_two_pass_steps(mode, tiny_opt_dir, dat
     # and products of 2qB and B rows sum in other orders (float64 shows the pair exact: tests above).
     assert torch.allclose(flat, two_flat, rtol=1e-4, atol=1e-4)
     assert weights.keys() == two_weights.keys()
+    # A weight that starts at zero (LoRA's B) is its updates alone: its relative error is the g's, each
+    # within 1e-4 of g but more of a small one (measured 1.2e-4 with one thread); a wrong pair is off by O(1).
     for name, weight in weights.items():
-        assert torch.equal(weight, two_weights[name]) or relative(weight, two_weights[name]) < 1e-4, name
+        assert torch.equal(weight, two_weights[name]) or relative(weight, two_weights[name]) < 1e-3, name
 
 
 @torch.no_grad()

@@ -131,8 +131,9 @@ def part_losses(model, ids, parts):
 def test_a_cpu_takes_the_same_steps_in_any_chunks_of_noise(pair, tiny_opt_dir, monkeypatch):
     """On a CPU a chunk size of a multiple of 16 changes how the noise is drawn, not what: MeZO's losses and
     bf16 weights (updates rounded stochastically, lr 1e-6) are bit for bit those of 2²⁰ with chunks of 64
-    numbers: the forwards (two, or with --zo_batched_pair one for two directions), the update, the blocks of
-    rows of a large Linear or Embedding."""
+    numbers: the forwards (two, or with --zo_batched_pair one for two directions), the update (which packs
+    tensors of one chunk into batches of up to a chunk: the whole model in one at 2²⁰), the blocks of rows
+    of a large Linear or Embedding."""
     monkeypatch.setattr(dense_path, "BLOCKED_ABOVE", 0)  # every Linear and Embedding by blocks of rows
     start = AutoModelForCausalLM.from_pretrained(tiny_opt_dir, dtype=torch.bfloat16).state_dict()
     runs = []
@@ -141,6 +142,10 @@ def test_a_cpu_takes_the_same_steps_in_any_chunks_of_noise(pair, tiny_opt_dir, m
         optimizer = ZOOptimizer(model.parameters(), lr=1e-6, seed=5, batched_pair=pair, queries=1 + pair)
         optimizer.chunk = chunk
         optimizer.attach(model)
+        batches = optimizer._batches(optimizer.tensors)
+        assert all(len(b) == 1 or sum(p.numel() for _, p in b) <= chunk for b in batches)
+        assert sorted(i for b in batches for i, _ in b) == list(range(len(optimizer.tensors)))
+        assert len(batches) < len(optimizer.tensors)  # (packed: at 64 numbers, the norms and biases)
         losses = []
         for _ in range(3):
             optimizer.begin_step()
