@@ -531,26 +531,28 @@ class ZOOptimizer(torch.optim.Optimizer):
         biases, a small model's matrices) packed in order into batches of up to a chunk in all where they
         are updated alike (with a master or not, with momentum or none yet, of one dtype); any other alone
         (a larger tensor, or one with a compensation buffer)."""
-        batches, filling = [], {}
+        batches, filling = [], {}  # filling: the batch each kind is filling, and its numbers so far
         for i, p in tensors:
             if p.numel() > self.chunk or i in self.compensation:
                 batches.append([(i, p)])
                 continue
             alike = (i in self.masters, i in self.momentum, p.dtype, p.device)
-            batch = filling.get(alike)
-            if batch is None or sum(q.numel() for _, q in batch) + p.numel() > self.chunk:
-                batch = filling[alike] = []
+            batch, filled = filling.get(alike, (None, 0))
+            if batch is None or filled + p.numel() > self.chunk:
+                batch, filled = [], 0
                 batches.append(batch)
             batch.append((i, p))
+            filling[alike] = batch, filled + p.numel()
         return batches
 
     def _step_dense(self, batch, gs, lr, decay, restore, finite):
-        """One pass, W ← decay·W − η(g·z or m), over each (i, p) of `batch` (one tensor, or small ones updated
-        alike: in multi-tensor operations): on the master (then copied into the weights), on the weights
-        in place (undoing the perturbation too), or for a tensor perturbed module by module on the weights
-        computed in float32 and rounded once, stochastically in half precision (rounding to nearest would
-        drop every update under half a unit in the last place, most of MeZO's at lr 1e-6 in bf16), or
-        with a compensation buffer to nearest, the rounding error carried into the next update."""
+        """One pass, W ← decay·W − η(g·z or m), over each (i, p) of `batch` (one tensor, or several of one
+        chunk each packed by `_batches`: in multi-tensor operations): on the master (then copied into the
+        weights), on the weights in place (undoing the perturbation too), or for a tensor perturbed module by
+        module on the weights computed in float32 and rounded once, stochastically in half precision
+        (rounding to nearest would drop every update under half a unit in the last place, most of MeZO's at
+        lr 1e-6 in bf16), or with a compensation buffer to nearest, the rounding error carried into the next
+        update."""
         i, p = batch[0]  # (what decides how a batch is updated, its tensors share)
         first = self.beta is not None and i not in self.momentum and finite
         for j, q in batch if first else ():  # m₀ = g₀z₀, as N₀ = g₀U₀

@@ -244,9 +244,9 @@ def test_float16_stochastic_rounding_is_unbiased_among_subnormals():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_small_tensors_round_together_as_each_alone(dtype):
-    """MeZO's update rounds a model's norms and biases in one buffer (`float_copies`, `round_all_into`):
-    each tensor gets the bits it gets rounded alone, with its own generator, whatever its size; fp16's
-    subnormals included."""
+    """MeZO's update rounds a batch of tensors (norms, biases, small matrices) in one buffer (`float_copies`,
+    `round_all_into`): each tensor gets the bits it gets rounded alone, with its own generator, whatever its
+    size; fp16's subnormals included."""
     sizes = [(5,), (16,), (3, 7), (1,), (64,)]
     torch.manual_seed(0)
     values = [torch.randn(size) * 2.0 ** torch.randint(-20, 2, size).float() for size in sizes]
